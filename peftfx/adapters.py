@@ -1,0 +1,136 @@
+"""The adapter store: the one owner of every adapter parameter, shared by all variant graphs.
+
+The store is an nn.Module tree that mirrors the model's module paths, so an adapter weight of the
+site `model.layers.0.self_attn.q_proj` lives at `model.layers.0.self_attn.q_proj.lora_A.<adapter>.weight`
+(PEFT's naming). Each variant graph mounts the store as its `peftfx` submodule and reads the weights
+with get_attr, so all graphs see the same tensors and an optimizer step is visible everywhere.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+
+MOUNT = "peftfx"  # attribute name of the store inside each variant GraphModule
+
+
+@dataclass(frozen=True)
+class LoraSlot:
+    """What the LoRA pass needs to know about one adapted site of one adapter."""
+
+    key: str
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+    weight_path: str
+    bias_path: Optional[str]
+
+
+class AdapterStore(nn.Module):
+    """Adapter parameters by site and adapter name, plus the Python-side facts about them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.configs: dict[str, LoraConfig] = {}
+        self.lora: dict[str, dict[str, LoraSlot]] = {}  # adapter -> key -> slot
+        self.saved: dict[str, dict[str, nn.Module]] = {}  # adapter -> module path -> trainable copy
+        self.bias_names: dict[str, list[str]] = {}  # adapter -> base bias parameters it trains and saves
+        self.version = 0  # bumped on every structural change; variant caches key on it
+
+    # -- tree helpers ------------------------------------------------------------------------------
+
+    def node(self, path: str, create: bool = False) -> Optional[nn.Module]:
+        module: nn.Module = self
+        for part in path.split(".") if path else []:
+            child = module._modules.get(part)
+            if child is None:
+                if not create:
+                    return None
+                child = nn.Module()
+                module.add_module(part, child)
+            module = child
+        return module
+
+    @staticmethod
+    def lora_weight_path(key: str, adapter: str, which: str) -> str:
+        return f"{key}.lora_{which}.{adapter}.weight"
+
+    @staticmethod
+    def saved_module_path(path: str, adapter: str) -> str:
+        return f"{path}.modules_to_save.{adapter}"
+
+    # -- LoRA ----------------------------------------------------------------------------------------
+
+    def add_lora(self, adapter: str, slot: LoraSlot, init, dtype: torch.dtype, device: torch.device) -> None:
+        holder = self.node(slot.key, create=True)
+        for which, shape in (("A", (slot.r, slot.in_features)), ("B", (slot.out_features, slot.r))):
+            name = f"lora_{which}"
+            if name not in holder._modules:
+                holder.add_module(name, nn.ModuleDict())
+            layer = nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=dtype)
+            holder._modules[name][adapter] = layer
+        _init_lora(holder.lora_A[adapter].weight, holder.lora_B[adapter].weight, init, slot.r)
+        self.lora.setdefault(adapter, {})[slot.key] = slot
+        self.version += 1
+
+    def lora_weights(self, adapter: str, key: str) -> tuple[nn.Parameter, nn.Parameter]:
+        holder = self.node(key)
+        return holder.lora_A[adapter].weight, holder.lora_B[adapter].weight
+
+    # -- modules_to_save -------------------------------------------------------------------------------
+
+    def add_saved_module(self, adapter: str, path: str, original: nn.Module) -> nn.Module:
+        holder = self.node(path, create=True)
+        if "modules_to_save" not in holder._modules:
+            holder.add_module("modules_to_save", nn.ModuleDict())
+        clone = copy.deepcopy(original)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        holder._modules["modules_to_save"][adapter] = clone
+        self.saved.setdefault(adapter, {})[path] = clone
+        self.version += 1
+        return clone
+
+    # -- adapters as a whole ---------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def adapter_parameters(self, adapter: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(store path, parameter) of everything this adapter owns."""
+        for key in self.lora.get(adapter, {}):
+            a, b = self.lora_weights(adapter, key)
+            yield self.lora_weight_path(key, adapter, "A"), a
+            yield self.lora_weight_path(key, adapter, "B"), b
+        for path, clone in self.saved.get(adapter, {}).items():
+            prefix = self.saved_module_path(path, adapter)
+            for name, p in clone.named_parameters():
+                yield f"{prefix}.{name}", p
+
+    def set_trainable(self, adapter: str, trainable: bool) -> None:
+        for _, p in self.adapter_parameters(adapter):
+            p.requires_grad_(trainable)
+
+
+def _init_lora(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:
+    """PEFT's initialisations: True = kaiming-uniform A and zero B (an identity adapter), 'gaussian' =
+    normal(0, 1/r) A and zero B, False = both random (a non-identity adapter, for tests)."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)

@@ -1,0 +1,37 @@
+"""The entry points: `apply` a config to a model, `load` a saved adapter onto a model."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from .model import DEFAULT_ADAPTER, PeftFxModel
+
+ExampleInputs = Union[dict[str, Any], tuple, None]
+
+
+def apply(model: torch.nn.Module, config: Any, adapter_name: str = DEFAULT_ADAPTER,
+          example_inputs: ExampleInputs = None,
+          dynamic_axes: Optional[dict[str, dict[int, str]]] = None) -> PeftFxModel:
+    """Capture `model` and add an adapter described by `config` (a peftfx or peft config).
+
+    transformers models need no example inputs; any other nn.Module needs `example_inputs` (a dict of
+    keyword inputs or a tuple of positional ones). `dynamic_axes` ({input: {dim: name}}) overrides which
+    dims are dynamic; by default dim 0 (and the sequence dim of HF token inputs) are.
+    """
+    pm = PeftFxModel(model, example_inputs=example_inputs, dynamic_axes=dynamic_axes)
+    pm.add_adapter(adapter_name, config)
+    return pm
+
+
+def load(model: torch.nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
+         is_trainable: bool = False, subfolder: Optional[str] = None, revision: Optional[str] = None,
+         example_inputs: ExampleInputs = None,
+         dynamic_axes: Optional[dict[str, dict[int, str]]] = None) -> PeftFxModel:
+    """Load an adapter saved by peftfx or HF PEFT (a folder or a hub repo id) onto `model`.
+
+    As with `PeftModel.from_pretrained`, the adapter is frozen unless `is_trainable=True`.
+    """
+    pm = PeftFxModel(model, example_inputs=example_inputs, dynamic_axes=dynamic_axes)
+    pm.load_adapter(model_id, adapter_name, is_trainable=is_trainable, subfolder=subfolder, revision=revision)
+    return pm

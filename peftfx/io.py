@@ -1,0 +1,225 @@
+"""Checkpoints in PEFT's format: adapter_config.json + adapter_model.safetensors, PEFT's key names.
+
+Keys are `base_model.model.<site>.lora_A.weight` (adapter name stripped), modules_to_save tensors as
+`base_model.model.<module>.<tensor>`, trained biases as `<site>.base_layer.bias` when the site carries
+LoRA (PEFT's wrapper name) and `<path>.bias` otherwise. The default adapter is written to the folder,
+others to `<folder>/<name>/`, as PEFT does. Writes go to a temporary file first and are renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import DEFAULT_LORA_TARGETS, LoraConfig, config_from_dict
+from .errors import AdapterNotFoundError, CheckpointError
+
+if TYPE_CHECKING:
+    from .model import AdapterPlan, PeftFxModel
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of an adapter checkpoint: its PEFT key, where it lives, and its shape."""
+
+    peft_key: str
+    owner: str  # "store" (adapter tensor) or "base" (a trained base bias)
+    path: str
+    shape: tuple
+
+
+def plan_entries(pm: "PeftFxModel", plan: "AdapterPlan") -> list[Entry]:
+    """The tensors an adapter's checkpoint holds, derived from its plan (works before it is added)."""
+    store, model = pm.adapters, pm.base_model
+    entries = []
+    for slot in plan.slots:
+        for which, shape in (("A", (slot.r, slot.in_features)), ("B", (slot.out_features, slot.r))):
+            entries.append(Entry(f"{PREFIX}{slot.key}.lora_{which}.weight", "store",
+                                 store.lora_weight_path(slot.key, plan.name, which), shape))
+    for path in plan.saved_paths:
+        prefix = store.saved_module_path(path, plan.name)
+        for name, tensor in model.get_submodule(path).state_dict(keep_vars=True).items():
+            entries.append(Entry(f"{PREFIX}{path}.{name}", "store", f"{prefix}.{name}", tuple(tensor.shape)))
+    wrapped = {s.bias_path: s.key for s in plan.slots if s.bias_path}
+    for adapter_slots in store.lora.values():
+        wrapped.update({s.bias_path: s.key for s in adapter_slots.values() if s.bias_path})
+    params = dict(model.named_parameters())
+    for name in plan.bias_names:
+        key = f"{wrapped[name]}.base_layer.bias" if name in wrapped else name
+        entries.append(Entry(f"{PREFIX}{key}", "base", name, tuple(params[name].shape)))
+    return entries
+
+
+def entry_tensor(pm: "PeftFxModel", entry: Entry) -> torch.Tensor:
+    root = pm.adapters if entry.owner == "store" else pm.base_model
+    module_path, _, name = entry.path.rpartition(".")
+    return getattr(root.get_submodule(module_path) if module_path else root, name)
+
+
+def check_weights(entries: list[Entry], weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Match checkpoint keys to entries; any missing, unexpected or misshapen key is an error."""
+    by_key = {e.peft_key: e for e in entries}
+    matched: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, tensor in weights.items():
+        canonical = key if key in by_key else key.replace(".base_layer.bias", ".bias")
+        if canonical not in by_key:
+            alt = [k for k in by_key if k.replace(".base_layer.", ".") == canonical]
+            canonical = alt[0] if alt else canonical
+        entry = by_key.get(canonical)
+        if entry is None:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != entry.shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the model needs {entry.shape}; "
+                "was this adapter trained for a different model size or rank (check r/rank_pattern)?")
+        matched[entry.peft_key] = tensor
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensor(s) match nothing in the model, e.g. {unexpected[:3]}; "
+            "the adapter was made for another architecture or uses a feature peftfx lacks.")
+    missing = [k for k in by_key if k not in matched]
+    if missing:
+        raise CheckpointError(
+            f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {missing[:3]}; "
+            "the checkpoint is incomplete or its target_modules do not match this model.")
+    return matched
+
+
+def copy_weights(pm: "PeftFxModel", entries: list[Entry], matched: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for entry in entries:
+            dest = entry_tensor(pm, entry)
+            dest.copy_(matched[entry.peft_key].to(device=dest.device, dtype=dest.dtype))
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+def save_adapters(pm: "PeftFxModel", directory: str, selected: Optional[Iterable[str]],
+                  safe_serialization: bool = True) -> None:
+    if not safe_serialization:
+        warnings.warn("peftfx writes safetensors only; ignoring safe_serialization=False.", stacklevel=3)
+    names = list(selected) if selected is not None else pm.adapters.adapter_names()
+    unknown = [n for n in names if n not in pm.adapters.configs]
+    if unknown:
+        raise CheckpointError(f"cannot save unknown adapter(s) {unknown}; known: {pm.adapters.adapter_names()}.")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"save_pretrained: {directory!r} exists and is a file; give a folder path.")
+    for name in names:
+        folder = directory if name == "default" else os.path.join(directory, name)
+        os.makedirs(folder, exist_ok=True)
+        entries = plan_entries(pm, pm.adapter_plan(name))
+        tensors = {e.peft_key: entry_tensor(pm, e).detach().contiguous().cpu() for e in entries}
+        _atomic_write(os.path.join(folder, SAFETENSORS_NAME),
+                      lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        config = _config_for_saving(pm, pm.adapters.configs[name])
+        _atomic_write(os.path.join(folder, CONFIG_NAME),
+                      lambda tmp, c=config: _write_text(tmp, json.dumps(c, indent=2, sort_keys=True)))
+
+
+def _config_for_saving(pm: "PeftFxModel", config: LoraConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    data["inference_mode"] = True
+    if data["target_modules"] is None:
+        model_type = getattr(getattr(pm.base_model, "config", None), "model_type", None)
+        data["target_modules"] = DEFAULT_LORA_TARGETS.get(model_type)
+    if data["base_model_name_or_path"] is None:
+        name = getattr(getattr(pm.base_model, "config", None), "_name_or_path", None)
+        data["base_model_name_or_path"] = name or None
+    return data
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+def resolve_adapter_files(model_id: str, subfolder: Optional[str] = None,
+                          revision: Optional[str] = None) -> tuple[str, str]:
+    """(config path, weights path) from a local folder or a hub repo id (through huggingface_hub)."""
+    model_id = os.fspath(model_id)
+    local = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(local):
+        config_path = os.path.join(local, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise AdapterNotFoundError(f"{local!r} has no {CONFIG_NAME}; is it an adapter folder "
+                                       "written by save_pretrained?")
+        for weights_name in (SAFETENSORS_NAME, BIN_NAME):
+            if os.path.isfile(os.path.join(local, weights_name)):
+                return config_path, os.path.join(local, weights_name)
+        raise AdapterNotFoundError(f"{local!r} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or {BIN_NAME}.")
+    if not _REPO_ID.match(model_id) or os.path.exists(model_id):
+        raise AdapterNotFoundError(f"adapter path {local!r} does not exist; give a folder written by "
+                                   "save_pretrained or a hub repo id like 'user/adapter'.")
+    return _resolve_from_hub(model_id, subfolder, revision)
+
+
+def _resolve_from_hub(repo_id: str, subfolder: Optional[str], revision: Optional[str]) -> tuple[str, str]:
+    from huggingface_hub import hf_hub_download
+
+    def fetch(filename: str) -> str:
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision)
+
+    try:
+        config_path = fetch(CONFIG_NAME)
+    except Exception as exc:  # huggingface_hub raises several types (offline, missing repo, ...)
+        raise AdapterNotFoundError(
+            f"{repo_id!r} is neither a local folder nor a hub adapter peftfx could resolve "
+            f"({type(exc).__name__}: {exc}). Check the path, or the repo id and your hub cache.") from exc
+    for weights_name in (SAFETENSORS_NAME, BIN_NAME):
+        try:
+            return config_path, fetch(weights_name)
+        except Exception:
+            continue
+    raise AdapterNotFoundError(f"hub repo {repo_id!r} has {CONFIG_NAME} but no adapter weights file.")
+
+
+def read_config(config_path: str) -> LoraConfig:
+    with open(config_path, encoding="utf-8") as f:
+        data = json.load(f)
+    return config_from_dict(data, source=config_path)
+
+
+def read_weights(weights_path: str) -> dict[str, torch.Tensor]:
+    if weights_path.endswith(".safetensors"):
+        return load_file(weights_path)
+    return torch.load(weights_path, map_location="cpu", weights_only=True)
+
+
+def load_adapter_into(pm: "PeftFxModel", model_id: str, adapter_name: str, is_trainable: bool = False,
+                      subfolder: Optional[str] = None, revision: Optional[str] = None) -> None:
+    """Read a PEFT-format adapter and add it to `pm` (validated before anything changes)."""
+    config_path, weights_path = resolve_adapter_files(model_id, subfolder, revision)
+    config = read_config(config_path)
+    config.inference_mode = not is_trainable
+    pm.add_adapter(adapter_name, config, weights=read_weights(weights_path), source=weights_path)

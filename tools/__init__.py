@@ -1,0 +1,1 @@
+"""peftfx tools: command line, demo and benchmarks."""

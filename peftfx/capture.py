@@ -152,13 +152,13 @@ class Capturer:
         example = {n: _grow(v, axes.get(n, {})).clone() if isinstance(v, torch.Tensor) else v
                    for n, v in kwargs.items()}
         dims = {"batch": Dim("batch", min=1, max=MAX_BATCH), "seq": Dim("seq", min=1, max=self._max_seq())}
-        named_dims = {n: ({a: dims.get(d) or Dim(d) for a, d in ax.items()} if n in axes else None)
-                      for n, ax in ((n, axes.get(n)) for n in kwargs)}
+        named_dims = {n: ({a: dims.get(d) or Dim(d) for a, d in axes[n].items()} if n in axes else None)
+                      for n in kwargs}
         auto_dims = {n: ({a: Dim.AUTO for a in ax} if ax is not None else None) for n, ax in named_dims.items()}
         errors = []
         for dynamic_shapes in (named_dims, auto_dims):
             try:
-                with _mode(self.model, training):
+                with _mode(self.model, training), _keyword_forward(self.model, list(example)):
                     program = torch.export.export(self.model, (), example, dynamic_shapes=dynamic_shapes,
                                                   strict=False)
                 break
@@ -214,6 +214,31 @@ def _leaf_names(example: dict[str, Any]) -> list[str]:
         count = len(pytree.tree_leaves(value))
         names.extend([name] * count)
     return names
+
+
+@contextlib.contextmanager
+def _keyword_forward(model: torch.nn.Module, names: list[str]):
+    """Export the model through a forward whose signature names exactly these keyword inputs.
+
+    torch.export cannot take dynamic shapes for inputs that land in a forward's **kwargs (transformers'
+    Trainer passes num_items_in_batch that way); a keyword-only signature sidesteps it.
+    """
+    original = model.__dict__.get("forward")
+    bound = model.forward
+
+    def forward(**kwargs):
+        return bound(**kwargs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names])
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if original is None:
+            del model.forward
+        else:
+            model.forward = original
 
 
 @contextlib.contextmanager

@@ -1,0 +1,60 @@
+"""Capture: no weight copies, dynamic batch/sequence, another graph for another set of inputs."""
+from __future__ import annotations
+
+import torch
+
+import peftfx
+from conftest import batch
+
+
+def test_graph_shares_the_users_parameters(load_model):
+    model = load_model("llama")
+    pm = peftfx.apply(model, peftfx.LoraConfig(target_modules=["q_proj"]))
+    graph_params = dict(pm.graph_module.named_parameters())
+    for name, p in model.named_parameters():
+        assert graph_params[name] is p  # the same tensor object: no copy of the base weights
+
+
+def test_dynamic_batch_and_sequence_use_one_graph(load_model):
+    model = load_model("llama")
+    pm = peftfx.apply(model, peftfx.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.eval()
+    for b, s in [(3, 17), (1, 1), (5, 2), (2, 64)]:
+        kw = batch(b, s, seed=b * s)
+        with torch.no_grad():
+            got = pm(**kw).logits
+            with pm.disable_adapter():
+                base = pm(**kw).logits
+        assert got.shape == (b, s, model.config.vocab_size)
+        torch.testing.assert_close(base, model(**kw).logits, atol=1e-6, rtol=1e-6)
+    eval_captures = [c for caps in pm._capturer.captures.values() for c in caps if not c.signature.training]
+    assert len(eval_captures) == 1
+
+
+def test_other_inputs_capture_another_graph(load_model):
+    base = load_model("bert")
+    pm = peftfx.apply(load_model("bert"), peftfx.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+    pm.eval()
+    kw = batch()
+    token_types = torch.zeros_like(kw["input_ids"])
+    token_types[:, 4:] = 1
+    positions = torch.arange(9).flip(0).expand(3, 9)
+    with torch.no_grad():
+        for extra in ({}, {"token_type_ids": token_types}, {"position_ids": positions}):
+            torch.testing.assert_close(pm(**kw, **extra).logits, base(**kw, **extra).logits, atol=1e-6, rtol=1e-6)
+    assert len(pm._capturer.captures) == 3
+
+
+def test_disable_adapter_runs_the_base_graph(load_model):
+    pm = peftfx.apply(load_model("gpt2"), peftfx.LoraConfig(target_modules=["c_attn"], init_lora_weights=False))
+    pm.eval()
+    pm(**batch())
+    adapted = pm.graph_module
+    with pm.disable_adapter():
+        base_graph = pm.graph_module
+    tagged = [n for n in base_graph.graph.nodes if "pass" in n.meta.get("peftfx", {})]
+    assert tagged == [] and not hasattr(base_graph, "peftfx")
+    inserted = [n for n in adapted.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith("lora")]
+    # per site: get_attr A, linear, get_attr B, linear, add (scaling 8/8 = 1 needs no multiply); 2 layers
+    assert sorted(str(n.target).split(".")[-1] if n.op == "get_attr" else str(n.target) for n in inserted) == sorted(
+        ["aten.linear.default"] * 4 + ["aten.add.Tensor"] * 2 + ["weight"] * 4)

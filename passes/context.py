@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+from torch import fx
 
 from peftfx.adapters import AdapterStore
 
 
 @dataclass
 class PassContext:
-    """A variant's inputs: the store, the adapters to activate (in order) and the mode."""
+    """A variant's inputs: the store, which adapters each pass serves, and the mode."""
 
     model: torch.nn.Module
     store: AdapterStore
-    active: tuple[str, ...]
-    training: bool
+    lora: tuple[str, ...] = ()  # LoRA paths to add, summed in this order
+    saved: tuple[str, ...] = ()  # adapters whose modules_to_save copies are read (first wins)
+    mixed: tuple[str, ...] = ()  # mixed batch: a row's index picks one of these (or none)
+    row_index: Optional[fx.Node] = None  # the [batch] int64 input holding each row's index
+    training: bool = False
     scratch: dict = field(default_factory=dict)  # per-variant facts a pass computes once

@@ -4,6 +4,10 @@ Before:  y = linear(x, W, b)                 (or addmm(b, x, W) for GPT-2's Conv
 After:   y = linear(x, W, b)
          h = linear(linear(dropout(x), A), B)   # dropout only in train mode, only if p > 0
          y' = y + h * scaling                   # users of y now read y'
+
+Mixed batches (one adapter per row) use one path for all adapters: the adapters' A and B are padded to
+a common rank and stacked (scaling folded into B, a zero slot for rows without adapter), each row's
+pair is gathered by the row-index input, and two batched matmuls apply them.
 """
 from __future__ import annotations
 
@@ -25,9 +29,13 @@ def _site_key(node: fx.Node):
     return site["key"] if site else None
 
 
-def _is_adapted_linear(node: fx.Node, ctx: PassContext) -> bool:
+def _adapts(node: fx.Node, adapters, ctx: PassContext) -> bool:
     key = _site_key(node)
-    return key is not None and any(key in ctx.store.lora.get(a, {}) for a in ctx.active)
+    return key is not None and any(key in ctx.store.lora.get(a, {}) for a in adapters)
+
+
+def _weight(b: Builder, ctx: PassContext, adapter: str, key: str, which: str) -> fx.Node:
+    return b.get_attr(f"{MOUNT}.{ctx.store.lora_weight_path(key, adapter, which)}")
 
 
 def _insert_lora(node: fx.Node, ctx: PassContext, b: Builder) -> None:
@@ -35,25 +43,67 @@ def _insert_lora(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     x = LINEAR_OPS[node.target](node)[0]
     out_dtype = node.meta["val"].dtype if "val" in node.meta else None
     out = node
-    for adapter in ctx.active:
+    for adapter in ctx.lora:
         slot = ctx.store.lora.get(adapter, {}).get(key)
         if slot is None:
             continue
         b.adapter = adapter
         a_weight, _ = ctx.store.lora_weights(adapter, key)
-        h = x
-        if out_dtype is not None and a_weight.dtype != out_dtype:
-            h = b.call(aten.to.dtype, h, a_weight.dtype)
+        cast = out_dtype is not None and a_weight.dtype != out_dtype
+        h = b.call(aten.to.dtype, x, a_weight.dtype) if cast else x
         if ctx.training and slot.dropout > 0:
             h = b.call(aten.dropout.default, h, slot.dropout, True)
-        h = b.call(aten.linear.default, h, b.get_attr(f"{MOUNT}.{ctx.store.lora_weight_path(key, adapter, 'A')}"))
-        h = b.call(aten.linear.default, h, b.get_attr(f"{MOUNT}.{ctx.store.lora_weight_path(key, adapter, 'B')}"))
+        h = b.call(aten.linear.default, h, _weight(b, ctx, adapter, key, "A"))
+        h = b.call(aten.linear.default, h, _weight(b, ctx, adapter, key, "B"))
         if slot.scaling != 1.0:
             h = b.call(aten.mul.Tensor, h, slot.scaling)
-        if out_dtype is not None and a_weight.dtype != out_dtype:
+        if cast:
             h = b.call(aten.to.dtype, h, out_dtype)
         out = b.call(aten.add.Tensor, out, h)
     b.replace_uses(node, out)
 
 
-RULES = (Rule("linear", _is_adapted_linear, _insert_lora),)
+def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
+    key = _site_key(node)
+    x = LINEAR_OPS[node.target](node)[0]
+    slots = {a: ctx.store.lora[a][key] for a in ctx.mixed if key in ctx.store.lora.get(a, {})}
+    rank = max(s.r for s in slots.values())
+    first = next(iter(slots.values()))
+    stacked_a, stacked_b = [], []
+    for adapter in ctx.mixed:
+        slot = slots.get(adapter)
+        if slot is None:
+            stacked_a.append(None)
+            stacked_b.append(None)
+            continue
+        b.adapter = adapter
+        a = _weight(b, ctx, adapter, key, "A")
+        w = _weight(b, ctx, adapter, key, "B")
+        if slot.scaling != 1.0:
+            w = b.call(aten.mul.Tensor, w, slot.scaling)
+        if slot.r < rank:
+            a = b.call(aten.constant_pad_nd.default, a, [0, 0, 0, rank - slot.r])
+            w = b.call(aten.constant_pad_nd.default, w, [0, rank - slot.r])
+        stacked_a.append(a)
+        stacked_b.append(w)
+    b.adapter = None
+    some_a = next(a for a in stacked_a if a is not None)
+    some_b = next(w for w in stacked_b if w is not None)
+    zero_a = b.call(aten.zeros_like.default, some_a)
+    zero_b = b.call(aten.zeros_like.default, some_b)
+    stacked_a = [a if a is not None else zero_a for a in stacked_a] + [zero_a]  # last slot: no adapter
+    stacked_b = [w if w is not None else zero_b for w in stacked_b] + [zero_b]
+    a_rows = b.call(aten.index_select.default, b.call(aten.stack.default, stacked_a), 0, ctx.row_index)
+    b_rows = b.call(aten.index_select.default, b.call(aten.stack.default, stacked_b), 0, ctx.row_index)
+    rows = b.call(aten.sym_size.int, ctx.row_index, 0)
+    x3 = b.call(aten.reshape.default, x, [rows, -1, first.in_features])
+    h = b.call(aten.bmm.default, x3, b.call(aten.transpose.int, a_rows, 1, 2))
+    h = b.call(aten.bmm.default, h, b.call(aten.transpose.int, b_rows, 1, 2))
+    out = b.call(aten.add.Tensor, node, b.call(aten.reshape_as.default, h, node))
+    b.replace_uses(node, out)
+
+
+RULES = (
+    Rule("mixed", lambda n, ctx: bool(ctx.mixed) and _adapts(n, ctx.mixed, ctx), _insert_mixed),
+    Rule("linear", lambda n, ctx: _adapts(n, ctx.lora, ctx), _insert_lora),
+)

@@ -16,16 +16,16 @@ from .context import PassContext
 NAME = "modules_to_save"
 
 
-def _copy_targets(ctx: PassContext) -> dict[int, str]:
-    """id(base tensor) -> store path of its copy, for the first active adapter that saves the module."""
+def _copy_targets(ctx: PassContext) -> dict[int, tuple[str, str]]:
+    """id(base tensor) -> (adapter, store path of its copy); the first active adapter saving it wins."""
     if "saved_targets" not in ctx.scratch:
-        targets: dict[int, str] = {}
-        for adapter in reversed(ctx.active):  # first active adapter wins
-            for path, clone in ctx.store.saved.get(adapter, {}).items():
+        targets: dict[int, tuple[str, str]] = {}
+        for adapter in reversed(ctx.saved):
+            for path in ctx.store.saved.get(adapter, {}):
                 original = ctx.model.get_submodule(path)
                 prefix = ctx.store.saved_module_path(path, adapter)
                 for name, tensor in list(original.named_parameters()) + list(original.named_buffers()):
-                    targets[id(tensor)] = f"{MOUNT}.{prefix}.{name}"
+                    targets[id(tensor)] = (adapter, f"{MOUNT}.{prefix}.{name}")
         ctx.scratch["saved_targets"] = targets
     return ctx.scratch["saved_targets"]
 
@@ -47,8 +47,8 @@ def _reads_saved_module(node: fx.Node, ctx: PassContext) -> bool:
 
 def _retarget(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     tensor = _attr_value(node.graph.owning_module, node.target)
-    node.target = _copy_targets(ctx)[id(tensor)]
-    node.meta[META_KEY] = {"pass": b.pass_name, "adapter": None, "anchor": node.name}
+    adapter, node.target = _copy_targets(ctx)[id(tensor)]
+    node.meta[META_KEY] = {"pass": b.pass_name, "adapter": adapter, "anchor": node.name}
 
 
 RULES = (Rule("retarget", _reads_saved_module, _retarget),)

@@ -117,6 +117,17 @@ class AdapterStore(nn.Module):
             for name, p in clone.named_parameters():
                 yield f"{prefix}.{name}", p
 
+    def delete(self, adapter: str) -> None:
+        """Drop every tensor and fact of an adapter."""
+        for key in self.lora.pop(adapter, {}):
+            holder = self.node(key)
+            del holder.lora_A[adapter], holder.lora_B[adapter]
+        for path in self.saved.pop(adapter, {}):
+            del self.node(path).modules_to_save[adapter]
+        self.configs.pop(adapter, None)
+        self.bias_names.pop(adapter, None)
+        self.version += 1
+
     def set_trainable(self, adapter: str, trainable: bool) -> None:
         for _, p in self.adapter_parameters(adapter):
             p.requires_grad_(trainable)

@@ -115,7 +115,8 @@ class Capturer:
                     "constants only (KV caches come with generate()).")
         if self.is_hf and "use_cache" in self.forward_signature.parameters:
             if named.get("use_cache"):
-                raise ValueError("use_cache=True is not supported in forward; use pm.generate() for decoding.")
+                raise ValueError("use_cache=True is not supported: peftfx captures the forward graph without a KV "
+                                 "cache; drop use_cache (decoding with a cache is not implemented yet).")
             named["use_cache"] = False
         return named
 

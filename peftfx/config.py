@@ -34,10 +34,11 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple] = {
     "velora_config": (None,),
     "megatron_config": (None,),
     "loftq_config": ({}, None),
+    "ensure_weight_tying": (False, None),
 }
 # PEFT fields that carry no behaviour for peftfx (bookkeeping or values only PEFT reads).
 IGNORED_PEFT_FIELDS = {
-    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
     "inference_mode", "runtime_config",
 }
 # Values PEFT writes for the unsupported fields, so that files peftfx writes load in PEFT unchanged.

@@ -22,7 +22,8 @@ from .config import DEFAULT_LORA_TARGETS, LoraConfig, config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError
 
 if TYPE_CHECKING:
-    from .model import AdapterPlan, PeftFxModel
+    from .model import PeftFxModel
+    from .plan import AdapterPlan
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -69,17 +70,27 @@ def entry_tensor(pm: "PeftFxModel", entry: Entry) -> torch.Tensor:
     return getattr(root.get_submodule(module_path) if module_path else root, name)
 
 
+# PEFT wrapper names that may appear inside checkpoint keys and name the same tensor as without them.
+WRAPPER_SEGMENTS = (".base_layer.", ".modules_to_save.")
+# With bias="all" PEFT also writes the frozen original of a modules_to_save module; it holds nothing new.
+IGNORED_SEGMENT = ".original_module."
+
+
+def _canonical(key: str) -> str:
+    for segment in WRAPPER_SEGMENTS:
+        key = key.replace(segment, ".")
+    return key
+
+
 def check_weights(entries: list[Entry], weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Match checkpoint keys to entries; any missing, unexpected or misshapen key is an error."""
-    by_key = {e.peft_key: e for e in entries}
+    by_key = {_canonical(e.peft_key): e for e in entries}
     matched: dict[str, torch.Tensor] = {}
     unexpected = []
     for key, tensor in weights.items():
-        canonical = key if key in by_key else key.replace(".base_layer.bias", ".bias")
-        if canonical not in by_key:
-            alt = [k for k in by_key if k.replace(".base_layer.", ".") == canonical]
-            canonical = alt[0] if alt else canonical
-        entry = by_key.get(canonical)
+        if IGNORED_SEGMENT in key:
+            continue
+        entry = by_key.get(_canonical(key))
         if entry is None:
             unexpected.append(key)
             continue
@@ -92,7 +103,7 @@ def check_weights(entries: list[Entry], weights: dict[str, torch.Tensor], source
         raise CheckpointError(
             f"{source}: {len(unexpected)} tensor(s) match nothing in the model, e.g. {unexpected[:3]}; "
             "the adapter was made for another architecture or uses a feature peftfx lacks.")
-    missing = [k for k in by_key if k not in matched]
+    missing = [e.peft_key for e in entries if e.peft_key not in matched]
     if missing:
         raise CheckpointError(
             f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {missing[:3]}; "
@@ -154,6 +165,9 @@ def _atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; saved files get the usual permissions
         write(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -2,32 +2,25 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
-from dataclasses import dataclass
+import warnings
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
 
-from . import select
-from .adapters import AdapterStore, LoraSlot
+from peftfx.passes import merge as merge_pass
+
+from .adapters import AdapterStore
 from .capture import Capture, Capturer
+from .combine import combine_site, combined_rank
 from .config import LoraConfig, as_peftfx_config
-from .errors import ConfigError, TargetNotFoundError
-from .state import VariantCache
+from .errors import ConfigError
+from .plan import AdapterPlan, commit_plan, existing_plan, make_plan
+from .state import BASE_ROW, VariantCache, VariantSpec
 
 DEFAULT_ADAPTER = "default"
-
-
-@dataclass
-class AdapterPlan:
-    """Everything add_adapter will create, computed (and validated) before anything is changed."""
-
-    name: str
-    config: LoraConfig
-    slots: list[LoraSlot]
-    saved_paths: list[str]
-    bias_names: list[str]
 
 
 class PeftFxModel(nn.Module):
@@ -42,6 +35,7 @@ class PeftFxModel(nn.Module):
         self._variants = VariantCache()
         self._example_inputs = example_inputs
         self._active: list[str] = []
+        self._merged: list[str] = []
         self._disabled = False
         self._last_capture: Optional[Capture] = None
         self.training = model.training
@@ -65,6 +59,13 @@ class PeftFxModel(nn.Module):
                 raise
             return getattr(self._modules["base_model"], name)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Not yet: the decode graph with a KV cache is issue #7. Refused rather than falling through to
+        the wrapped model's generate, which would silently ignore the adapters."""
+        raise NotImplementedError(
+            "PeftFxModel.generate is not implemented yet; merge_and_unload() the adapter and call generate "
+            "on the returned model, or run forward step by step.")
+
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
@@ -80,105 +81,153 @@ class PeftFxModel(nn.Module):
     def active_adapter(self) -> Optional[str]:
         return self._active[0] if self._active else None
 
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
     # -- adapters -----------------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, peft_config: Any,
                     weights: Optional[dict[str, torch.Tensor]] = None, source: str = "weights") -> None:
-        """Add an adapter (active only if it is the first). `weights`, a PEFT-format state dict, are
-        checked against the plan before anything changes, so a bad checkpoint leaves the model as it was."""
+        """Add an adapter (active only if it is the first, as in PEFT). `weights`, a PEFT-format state
+        dict, are checked against the plan before anything changes: a bad checkpoint changes nothing."""
         from .io import check_weights, copy_weights, plan_entries
         config = as_peftfx_config(peft_config)
+        self._check_new_name(adapter_name)
+        plan = make_plan(self._reference_capture().fresh_module(), self.base_model, adapter_name, config)
+        entries = plan_entries(self, plan)
+        matched = check_weights(entries, weights, source) if weights is not None else None
+        first = not self._active
+        commit_plan(self.base_model, self.adapters, plan, trainable=first and not config.inference_mode)
+        if matched is not None:
+            copy_weights(self, entries, matched)
+        if first:
+            self._active = [adapter_name]
+
+    def _check_new_name(self, adapter_name: str) -> None:
         if adapter_name in self.adapters.configs:
             raise ConfigError(f"an adapter named {adapter_name!r} exists already; pick another name "
                               "or delete_adapter() it first.")
-        if not adapter_name or "." in adapter_name:
-            raise ConfigError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'.")
-        plan = self._plan(adapter_name, config)
-        entries = plan_entries(self, plan)
-        matched = check_weights(entries, weights, source) if weights is not None else None
-        self._commit(plan)
-        if matched is not None:
-            copy_weights(self, entries, matched)
-        if not self._active:
-            self._active = [adapter_name]
+        if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
+            raise ConfigError(f"adapter name {adapter_name!r} must be non-empty, contain no '.' and not be "
+                              f"{BASE_ROW!r}.")
 
     def adapter_plan(self, adapter_name: str) -> AdapterPlan:
         """The plan an existing adapter was built from (what save_pretrained writes)."""
-        return AdapterPlan(adapter_name, self.adapters.configs[adapter_name],
-                           list(self.adapters.lora.get(adapter_name, {}).values()),
-                           list(self.adapters.saved.get(adapter_name, {})),
-                           list(self.adapters.bias_names.get(adapter_name, [])))
+        return existing_plan(self.adapters, adapter_name)
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def _check_known(self, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in self.adapters.configs]
         if missing:
             raise ConfigError(f"unknown adapter(s) {missing}; loaded adapters: {self.adapters.adapter_names()}.")
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Activate one adapter, or several whose outputs are summed (PEFT's LoraModel.set_adapter).
+        Inactive adapters are frozen; active ones become trainable unless loaded for inference."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        if self._merged and names != self._active:
+            warnings.warn(f"adapters {self._merged} are merged; set_adapter does not unmerge them "
+                          "(call unmerge_adapter() first).", stacklevel=2)
         for name in self.adapters.adapter_names():
             if not self.adapters.configs[name].inference_mode:
                 self.adapters.set_trainable(name, name in names)
         self._active = names
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the remaining active ones (or the first left) take over."""
+        self._check_known([adapter_name])
+        if adapter_name in self._merged:
+            raise ConfigError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it.")
+        self.adapters.delete(adapter_name)
+        if adapter_name in self._active:
+            rest = [n for n in self._active if n != adapter_name] or self.adapters.adapter_names()[:1]
+            self._active = []
+            if rest:
+                self.set_adapter(rest)
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the untouched base graph inside the block."""
+        """Run the untouched base graph inside the block (merged adapters are unmerged first, as in PEFT)."""
+        if self._merged:
+            self.unmerge_adapter()
         previous, self._disabled = self._disabled, True
         try:
             yield
         finally:
             self._disabled = previous
 
-    def _plan(self, name: str, config: LoraConfig) -> AdapterPlan:
-        capture = self._reference_capture()
-        gm = capture.fresh_module()
-        sites = select.linear_sites(gm, self.base_model)
-        targets = select.resolve_targets(sites, config, self.base_model)
-        slots = []
-        for site in targets:
-            r, alpha = select.resolve_rank(site, config)
-            slots.append(LoraSlot(site.key, r, alpha, config.scaling_for(r, alpha), float(config.lora_dropout),
-                                  site.in_features, site.out_features, site.fan_in_fan_out,
-                                  site.weight_path, site.bias_path))
-        saved_paths = self._resolve_modules_to_save(config)
-        bias_names = self._trainable_bias_names(config, slots)
-        return AdapterPlan(name, config, slots, saved_paths, bias_names)
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None) -> None:
+        """A new adapter combining others (PEFT's formulas for 'linear', 'cat' and 'svd'); inactive."""
+        if adapter_name in self.adapters.configs:
+            return  # PEFT returns silently when the name exists
+        if len(adapters) != len(weights):
+            raise ConfigError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight each.")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        rank = combined_rank(self.adapters, adapters, combination_type, svd_rank)
+        first = self.adapters.configs[adapters[0]]
+        targets = [self.adapters.configs[a].target_modules for a in adapters]
+        if len({type(t) for t in targets}) > 1:
+            raise ConfigError("cannot combine adapters whose target_modules mix lists and regex strings.")
+        union = ("|".join(f"({t})" for t in targets) if isinstance(targets[0], str)
+                 else sorted(set().union(*[set(t or []) for t in targets])) or None)
+        config = dataclasses.replace(first, r=rank, lora_alpha=rank, target_modules=union, alpha_pattern={},
+                                     rank_pattern={}, init_lora_weights=True, inference_mode=True)
+        options = dict(svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+        self._check_new_name(adapter_name)
+        plan = make_plan(self._reference_capture().fresh_module(), self.base_model, adapter_name, config)
+        combined = {s.key: combine_site(self.adapters, s.key, adapters, weights, combination_type, rank, options)
+                    for s in plan.slots}
+        commit_plan(self.base_model, self.adapters, plan, trainable=False)
+        with torch.no_grad():
+            for key, ab in combined.items():
+                a, b = self.adapters.lora_weights(adapter_name, key)
+                a.zero_(), b.zero_()
+                if ab is not None:
+                    a.copy_(ab[0]), b.copy_(ab[1])
 
-    def _resolve_modules_to_save(self, config: LoraConfig) -> list[str]:
-        """Module paths ending in a modules_to_save name (PEFT's rule). PEFT writes the task heads of
-        every architecture (classifier and score), so only a list that matches nothing is an error."""
-        wanted = config.resolved_modules_to_save()
-        module_names = [n for n, _ in self.base_model.named_modules() if n]
-        found = [n for n in module_names if any(n == w or n.endswith(f".{w}") for w in wanted)]
-        if wanted and not found and config.modules_to_save:
-            raise TargetNotFoundError(
-                f"modules_to_save={config.modules_to_save!r} matches no module of "
-                f"{type(self.base_model).__name__}; top-level modules: {[n for n in module_names if '.' not in n]}.")
-        return [n for n in found if not any(n.startswith(p + ".") for p in found)]
+    # -- merging --------------------------------------------------------------------------------------
 
-    def _trainable_bias_names(self, config: LoraConfig, slots: list[LoraSlot]) -> list[str]:
-        if config.bias == "all":
-            return [n for n, _ in self.base_model.named_parameters() if "bias" in n]
-        if config.bias == "lora_only":
-            return [s.bias_path for s in slots if s.bias_path]
-        return []
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Fold the adapters (default: the active ones) into the base weights; calls then run the plain
+        base graph. With safe_merge, NaN/Inf results are refused before any weight changes."""
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        self._check_known(names)
+        todo = [n for n in names if n not in self._merged]
+        if len(todo) < len(names):
+            warnings.warn(f"already merged: {[n for n in names if n in self._merged]}", stacklevel=2)
+        merge_pass.merge(self.base_model, self.adapters, todo, safe_merge=safe_merge)
+        self._merged += todo
 
-    def _commit(self, plan: AdapterPlan) -> None:
-        if not self.adapters.configs:
-            for p in self.base_model.parameters():
-                p.requires_grad_(False)
-        params = dict(self.base_model.named_parameters())
-        for slot in plan.slots:
-            weight = params[slot.weight_path]
-            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-            self.adapters.add_lora(plan.name, slot, plan.config.init_lora_weights, dtype, weight.device)
-        for path in plan.saved_paths:
-            self.adapters.add_saved_module(plan.name, path, self.base_model.get_submodule(path))
-        trainable = not plan.config.inference_mode
-        for bias in plan.bias_names:
-            params[bias].requires_grad_(trainable)
-        self.adapters.configs[plan.name] = plan.config
-        self.adapters.bias_names[plan.name] = plan.bias_names
-        self.adapters.set_trainable(plan.name, trainable and (not self._active))
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter again (the base weights return up to fp32 rounding)."""
+        merge_pass.unmerge(self.base_model, self.adapters, self._merged)
+        self._merged = []
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        """Merge and hand back the user's own model, with the active adapters' saved modules copied in.
+        It needs no peftfx to run or to save (transformers' save_pretrained writes a plain checkpoint)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload_saved_modules()
+
+    def unload(self) -> nn.Module:
+        """The user's model without any adapter (unmerged first, as PEFT does)."""
+        if self._merged:
+            self.unmerge_adapter()
+        return self.base_model
+
+    def _unload_saved_modules(self) -> nn.Module:
+        with torch.no_grad():
+            for adapter in reversed(self._active):
+                for path, clone in self.adapters.saved.get(adapter, {}).items():
+                    original = self.base_model.get_submodule(path)
+                    for (_, dst), (_, src) in zip(original.state_dict(keep_vars=True).items(),
+                                                  clone.state_dict(keep_vars=True).items()):
+                        dst.copy_(src)
+        return self.base_model
 
     # -- running --------------------------------------------------------------------------------------
 
@@ -194,16 +243,47 @@ class PeftFxModel(nn.Module):
         self._last_capture = self._capturer.get(named, training=False)
         return self._last_capture
 
-    def _run(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the active variant; same arguments and output type as the wrapped model's forward."""
+    def _run(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Run the active variant; same arguments and output type as the wrapped model's forward.
+        `adapter_names` (one name per batch row, or "__base__") runs a mixed batch in one graph."""
         named = self._capturer.prepare_inputs(args, kwargs)
         capture = self._capturer.get(named, self.training)
         self._last_capture = capture
-        return self._graph_for(capture)(**named)
+        if adapter_names is None:
+            return self._graph_for(capture)(**named)
+        spec, row_index = self._mixed_spec(adapter_names, named, capture)
+        gm = self._variants.get(capture, self.base_model, self.adapters, spec)
+        return gm(**named, **{spec.row_input: row_index})
+
+    def _spec(self, training: bool) -> VariantSpec:
+        if self._disabled:
+            return VariantSpec(training=training)
+        unmerged = tuple(a for a in self._active if a not in self._merged)
+        saving = tuple(a for a in self._active if self.adapters.saved.get(a))
+        return VariantSpec(lora=unmerged, saved=saving, training=training)
+
+    def _mixed_spec(self, adapter_names: Sequence[str], named: dict, capture: Capture):
+        if self.training:
+            raise ConfigError("adapter_names (mixed-adapter batches) is for inference; call pm.eval() first.")
+        if self._merged:
+            raise ConfigError("adapter_names cannot be used while adapters are merged; unmerge_adapter() first.")
+        rows = list(adapter_names)
+        batch = next(v for v in named.values() if isinstance(v, torch.Tensor)).shape[0]
+        if len(rows) != batch:
+            raise ConfigError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows.")
+        names = tuple(sorted({r for r in rows if r != BASE_ROW}))
+        self._check_known(list(names))
+        saving = [n for n in names if self.adapters.saved.get(n)]
+        if saving:
+            raise ConfigError(f"adapters {saving} have modules_to_save; mixed batches support LoRA-only adapters.")
+        spec = VariantSpec(mixed=names, training=False)
+        position = {n: i for i, n in enumerate(names)}
+        device = next(self.base_model.parameters()).device
+        row_index = torch.tensor([position.get(r, len(names)) for r in rows], dtype=torch.long, device=device)
+        return spec, row_index
 
     def _graph_for(self, capture: Capture) -> fx.GraphModule:
-        active = () if self._disabled else tuple(self._active)
-        return self._variants.get(capture, self.base_model, self.adapters, active, capture.signature.training)
+        return self._variants.get(capture, self.base_model, self.adapters, self._spec(capture.signature.training))
 
     @property
     def graph_module(self) -> fx.GraphModule:

@@ -1,15 +1,19 @@
 """The state manager: one GraphModule per variant, built lazily from a capture by the pass pipeline.
 
-A variant is (capture, active adapters, train/eval, store version). All variants read the same base
-parameters (the capture's) and the same adapter parameters (the store's), so switching variants is a
-dictionary lookup. With no adapter active the variant is the captured base graph itself.
+A variant is (capture, which adapters add LoRA, whose saved modules are read, mixed-batch adapters,
+train/eval) plus the store version. All variants read the same base parameters (the capture's) and
+the same adapter parameters (the store's), so switching is a dictionary lookup. With nothing active
+the variant is the captured base graph itself; a merged adapter needs no LoRA nodes, so a fully merged
+model runs the base graph too.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from peftfx.passes import lora, modules_to_save
 from peftfx.passes.context import PassContext
@@ -21,18 +25,50 @@ from .select import annotate
 
 # Order matters: modules_to_save retargets base reads before LoRA reads the (possibly copied) inputs.
 PIPELINE = (modules_to_save, lora)
+BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 
 
-def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore,
-                  active: Sequence[str], training: bool) -> fx.GraphModule:
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a variant graph computes besides the base model."""
+
+    lora: tuple[str, ...] = ()  # adapters whose LoRA paths run (summed), in order
+    saved: tuple[str, ...] = ()  # adapters whose modules_to_save copies are read (first wins)
+    mixed: tuple[str, ...] = ()  # mixed batch: adapters a per-row index chooses from
+    training: bool = False
+    row_input: ClassVar[str] = "peftfx_row_adapter"  # the extra keyword input of mixed variants
+
+    @property
+    def is_base(self) -> bool:
+        return not (self.lora or self.saved or self.mixed)
+
+
+def add_keyword_input(gm: fx.GraphModule, name: str) -> fx.Node:
+    """Append a keyword input to an exported GraphModule, keeping its pytree calling convention."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.placeholder(name)
+    codegen = gm.graph._codegen
+    info = codegen.pytree_info
+    keys = list(info.in_spec.children_specs[1].context) + [name]
+    _, in_spec = pytree.tree_flatten(((), {k: 0 for k in keys}))
+    codegen.pytree_info = info._replace(orig_args=list(info.orig_args) + [name], in_spec=in_spec)
+    gm._in_spec = in_spec
+    return node
+
+
+def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec) -> fx.GraphModule:
     gm = capture.fresh_module()
-    if not active:
+    if spec.is_base:
         return gm
     gm.add_module(MOUNT, store)
     annotate(gm, model)
-    ctx = PassContext(model=model, store=store, active=tuple(active), training=training)
+    row_index: Optional[fx.Node] = add_keyword_input(gm, spec.row_input) if spec.mixed else None
+    ctx = PassContext(model=model, store=store, lora=spec.lora, saved=spec.saved, mixed=spec.mixed,
+                      row_index=row_index, training=spec.training)
     for p in PIPELINE:
         run_pass(gm, p.RULES, ctx, p.NAME)
+    gm.recompile()
     return gm
 
 
@@ -42,14 +78,13 @@ class VariantCache:
     def __init__(self) -> None:
         self._variants: dict[tuple, fx.GraphModule] = {}
 
-    def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore,
-            active: Sequence[str], training: bool) -> fx.GraphModule:
-        key = (id(capture), tuple(active), training, store.version if active else 0)
+    def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec) -> fx.GraphModule:
+        version = 0 if spec.is_base else store.version
+        key = (id(capture), spec, version)
         gm = self._variants.get(key)
         if gm is None:
-            if active:
-                self._variants = {k: v for k, v in self._variants.items() if not k[1] or k[3] == store.version}
-            gm = build_variant(capture, model, store, active, training)
+            self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, version)}
+            gm = build_variant(capture, model, store, spec)
             self._variants[key] = gm
         return gm
 

@@ -50,7 +50,7 @@ def add_keyword_input(gm: fx.GraphModule, name: str) -> fx.Node:
         node = gm.graph.placeholder(name)
     codegen = gm.graph._codegen
     info = codegen.pytree_info
-    keys = list(info.in_spec.children_specs[1].context) + [name]
+    keys = list(info.in_spec.child(1).context) + [name]
     _, in_spec = pytree.tree_flatten(((), {k: 0 for k in keys}))
     codegen.pytree_info = info._replace(orig_args=list(info.orig_args) + [name], in_spec=in_spec)
     gm._in_spec = in_spec

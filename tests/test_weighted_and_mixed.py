@@ -1,0 +1,91 @@
+"""add_weighted_adapter (linear, cat, svd) and mixed-adapter batches, against HF PEFT."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftfx
+from conftest import batch
+from oracle import twin_models
+
+
+@pytest.mark.parametrize("name,configs", [
+    ("llama", {"default": dict(r=4, target_modules=["q_proj", "v_proj"]),
+               "b": dict(r=4, lora_alpha=12, target_modules=["v_proj", "o_proj"])}),
+    ("gpt2", {"default": dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
+              "b": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)}),
+])
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_weighted_adapter_matches_peft(name, configs, combination, load_model, tmp_path):
+    ref, pm = twin_models(load_model, name, configs, tmp_path)
+    kwargs = dict(adapters=["default", "b"], weights=[0.7, -0.4], adapter_name="mix",
+                  combination_type=combination)
+    ref.add_weighted_adapter(**kwargs)
+    pm.add_weighted_adapter(**kwargs)
+    assert pm.peft_config["mix"].r == ref.peft_config["mix"].r
+    ref.set_adapter("mix")
+    pm.set_adapter("mix")
+    kw = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_linear_needs_equal_ranks(load_model, tmp_path):
+    _, pm = twin_models(load_model, "llama", {"default": dict(r=4, target_modules=["q_proj"]),
+                                              "b": dict(r=2, target_modules=["q_proj"])}, tmp_path)
+    with pytest.raises(peftfx.ConfigError, match="needs adapters of one rank"):
+        pm.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="linear")
+
+
+MIXED = {"default": dict(r=4, target_modules=["q_proj", "v_proj"]),
+         "b": dict(r=2, lora_alpha=6, target_modules=["v_proj", "down_proj"]),
+         "c": dict(r=8, target_modules="all-linear")}
+
+
+@pytest.mark.parametrize("rows", [
+    ["default", "b", "__base__", "c"],
+    ["b", "b", "default", "__base__"],
+    ["c", "__base__", "__base__", "c"],
+])
+def test_mixed_batch_matches_peft(rows, load_model, tmp_path):
+    ref, pm = twin_models(load_model, "llama", MIXED, tmp_path)
+    kw = batch(4, 10)
+    with torch.no_grad():
+        want = ref(**kw, adapter_names=rows).logits
+        got = pm(**kw, adapter_names=rows).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and each row equals running that adapter alone
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            if name == "__base__":
+                with pm.disable_adapter():
+                    alone = pm(**{k: v[i:i + 1] for k, v in kw.items()}).logits
+            else:
+                pm.set_adapter(name)
+                alone = pm(**{k: v[i:i + 1] for k, v in kw.items()}).logits
+        torch.testing.assert_close(got[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_is_one_graph_without_adapter_loops(load_model, tmp_path):
+    _, pm = twin_models(load_model, "gpt2", {"default": dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
+                                             "b": dict(r=4, target_modules=["c_attn"], fan_in_fan_out=True)}, tmp_path)
+    kw = batch(3, 7)
+    with torch.no_grad():
+        pm(**kw, adapter_names=["b", "default", "__base__"])
+        pm(**kw, adapter_names=["default", "default", "b"])
+    mixed = [gm for key, gm in pm._variants._variants.items() if key[1].mixed]
+    assert len(mixed) == 1  # the same graph served both batches
+    ops = [n.target for n in mixed[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.aten.bmm.default) == 2 * 2  # two layers, one batched pair each
+
+
+def test_mixed_batch_errors(load_model, tmp_path):
+    _, pm = twin_models(load_model, "llama", {"default": dict(r=2, target_modules=["q_proj"])}, tmp_path)
+    kw = batch(2, 5)
+    with pytest.raises(peftfx.ConfigError, match="adapter_names has 3 entries but the batch has 2 rows"):
+        pm(**kw, adapter_names=["default"] * 3)
+    with pytest.raises(peftfx.ConfigError, match=r"unknown adapter\(s\) \['nope'\]"):
+        pm(**kw, adapter_names=["default", "nope"])
+    pm.train()
+    with pytest.raises(peftfx.ConfigError, match="for inference"):
+        pm(**kw, adapter_names=["default", "default"])

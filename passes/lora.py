@@ -17,6 +17,7 @@ from torch import fx
 from peftfx.adapters import MOUNT
 from peftfx.rewrite import Builder, Rule
 from peftfx.select import LINEAR_OPS, META_KEY
+from peftfx.slots import slot_path
 
 from .context import PassContext
 
@@ -39,11 +40,13 @@ def _weight(b: Builder, ctx: PassContext, adapter: str, key: str, which: str) ->
 
 
 def _insert_lora(node: fx.Node, ctx: PassContext, b: Builder) -> None:
+    """Add each active adapter's path, reading its tensors from the variant's slot bank (position i =
+    i-th active adapter), so the graph is the same for every adapter of the same layout."""
     key = _site_key(node)
     x = LINEAR_OPS[node.target](node)[0]
     out_dtype = node.meta["val"].dtype if "val" in node.meta else None
     out = node
-    for adapter in ctx.lora:
+    for position, adapter in enumerate(ctx.lora):
         slot = ctx.store.lora.get(adapter, {}).get(key)
         if slot is None:
             continue
@@ -53,10 +56,9 @@ def _insert_lora(node: fx.Node, ctx: PassContext, b: Builder) -> None:
         h = b.call(aten.to.dtype, x, a_weight.dtype) if cast else x
         if ctx.training and slot.dropout > 0:
             h = b.call(aten.dropout.default, h, slot.dropout, True)
-        h = b.call(aten.linear.default, h, _weight(b, ctx, adapter, key, "A"))
-        h = b.call(aten.linear.default, h, _weight(b, ctx, adapter, key, "B"))
-        if slot.scaling != 1.0:
-            h = b.call(aten.mul.Tensor, h, slot.scaling)
+        h = b.call(aten.linear.default, h, b.get_attr(slot_path(position, key, "A")))
+        h = b.call(aten.linear.default, h, b.get_attr(slot_path(position, key, "B")))
+        h = b.call(aten.mul.Tensor, h, b.get_attr(slot_path(position, key, "scaling")))
         if cast:
             h = b.call(aten.to.dtype, h, out_dtype)
         out = b.call(aten.add.Tensor, out, h)

@@ -46,6 +46,7 @@ class AdapterStore(nn.Module):
         self.saved: dict[str, dict[str, nn.Module]] = {}  # adapter -> module path -> trainable copy
         self.bias_names: dict[str, list[str]] = {}  # adapter -> base bias parameters it trains and saves
         self.version = 0  # bumped on every structural change; variant caches key on it
+        self._layouts: dict[tuple, tuple] = {}
 
     # -- tree helpers ------------------------------------------------------------------------------
 
@@ -80,8 +81,25 @@ class AdapterStore(nn.Module):
             layer = nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=dtype)
             holder._modules[name][adapter] = layer
         _init_lora(holder.lora_A[adapter].weight, holder.lora_B[adapter].weight, init, slot.r)
+        holder.register_buffer(f"lora_scaling_{adapter}", torch.tensor(slot.scaling, dtype=dtype, device=device),
+                               persistent=False)
         self.lora.setdefault(adapter, {})[slot.key] = slot
         self.version += 1
+
+    def layout(self, adapter: str) -> tuple:
+        """What a graph depends on about an adapter: per site (key, r, dropout, dtype), not the values."""
+        cache_key = (adapter, self.version)
+        if cache_key not in self._layouts:
+            if len(self._layouts) > 256:
+                self._layouts.clear()
+            self._layouts[cache_key] = tuple(
+                (s.key, s.r, s.dropout, str(self.lora_weights(adapter, s.key)[0].dtype))
+                for s in self.lora.get(adapter, {}).values())
+        return self._layouts[cache_key]
+
+    def scaling_tensor(self, adapter: str, key: str) -> torch.Tensor:
+        """The scaling as a 0-d tensor (a graph input, so adapters differing only in alpha share graphs)."""
+        return self.node(key)._buffers[f"lora_scaling_{adapter}"]
 
     def lora_weights(self, adapter: str, key: str) -> tuple[nn.Parameter, nn.Parameter]:
         holder = self.node(key)
@@ -121,7 +139,7 @@ class AdapterStore(nn.Module):
         """Drop every tensor and fact of an adapter."""
         for key in self.lora.pop(adapter, {}):
             holder = self.node(key)
-            del holder.lora_A[adapter], holder.lora_B[adapter]
+            del holder.lora_A[adapter], holder.lora_B[adapter], holder._buffers[f"lora_scaling_{adapter}"]
         for path in self.saved.pop(adapter, {}):
             del self.node(path).modules_to_save[adapter]
         self.configs.pop(adapter, None)

@@ -250,17 +250,21 @@ class PeftFxModel(nn.Module):
         capture = self._capturer.get(named, self.training)
         self._last_capture = capture
         if adapter_names is None:
-            return self._graph_for(capture)(**named)
+            return self._variant(capture)[1](**named)
         spec, row_index = self._mixed_spec(adapter_names, named, capture)
-        gm = self._variants.get(capture, self.base_model, self.adapters, spec)
-        return gm(**named, **{spec.row_input: row_index})
+        _, run = self._variants.get(capture, self.base_model, self.adapters, spec)
+        return run(**named, **{spec.row_input: row_index})
 
-    def _spec(self, training: bool) -> VariantSpec:
+    def _variant(self, capture: Capture) -> tuple[fx.GraphModule, Any]:
+        """(graph, callable) of the current state: a LoRA variant is keyed by the active adapters'
+        layouts, and its slot bank is pointed at the active adapters themselves."""
+        training = capture.signature.training
         if self._disabled:
-            return VariantSpec(training=training)
+            return self._variants.get(capture, self.base_model, self.adapters, VariantSpec(training=training))
         unmerged = tuple(a for a in self._active if a not in self._merged)
         saving = tuple(a for a in self._active if self.adapters.saved.get(a))
-        return VariantSpec(lora=unmerged, saved=saving, training=training)
+        spec = VariantSpec(lora=tuple(self.adapters.layout(a) for a in unmerged), saved=saving, training=training)
+        return self._variants.get(capture, self.base_model, self.adapters, spec, bind=unmerged)
 
     def _mixed_spec(self, adapter_names: Sequence[str], named: dict, capture: Capture):
         if self.training:
@@ -282,19 +286,25 @@ class PeftFxModel(nn.Module):
         row_index = torch.tensor([position.get(r, len(names)) for r in rows], dtype=torch.long, device=device)
         return spec, row_index
 
-    def _graph_for(self, capture: Capture) -> fx.GraphModule:
-        return self._variants.get(capture, self.base_model, self.adapters, self._spec(capture.signature.training))
-
     @property
     def graph_module(self) -> fx.GraphModule:
         """The active variant's GraphModule for the most recent call (or the reference inputs)."""
-        return self._graph_for(self._reference_capture())
+        return self._variant(self._reference_capture())[0]
+
+    def compile(self, **options: Any) -> "PeftFxModel":
+        """Run every variant through torch.compile (once per variant, with `options`, default
+        dynamic=True). Adapters of the same layout share a compiled variant: switching between them,
+        or disabling and re-enabling, compiles nothing after each variant's first call."""
+        self._variants.clear()
+        self._variants.compile_options = {"dynamic": True, **options}
+        return self
 
     def _apply(self, fn, recurse=True):
         # .to()/.half() replace buffers; captured graphs hold the old ones, so capture again lazily.
         result = super()._apply(fn, recurse)
         self._capturer.clear()
         self._variants.clear()
+        self.adapters.version += 1
         self._last_capture = None
         return result
 

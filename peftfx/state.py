@@ -9,22 +9,24 @@ model runs the base graph too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from peftfx.passes import lora, modules_to_save
+from peftfx.passes import inline_grad_regions, lora, modules_to_save
 from peftfx.passes.context import PassContext
 
 from .adapters import MOUNT, AdapterStore
 from .capture import Capture
 from .rewrite import run_pass
 from .select import annotate
+from .slots import SLOTS, SlotBank
 
 # Order matters: modules_to_save retargets base reads before LoRA reads the (possibly copied) inputs.
-PIPELINE = (modules_to_save, lora)
+# Every variant, the base one included, gets its no-grad regions inlined (one compiled graph, no break).
+PIPELINE = (inline_grad_regions, modules_to_save, lora)
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 
 
@@ -32,7 +34,7 @@ BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 class VariantSpec:
     """What a variant graph computes besides the base model."""
 
-    lora: tuple[str, ...] = ()  # adapters whose LoRA paths run (summed), in order
+    lora: tuple[tuple, ...] = ()  # layouts of the adapters whose LoRA paths run (summed), in order
     saved: tuple[str, ...] = ()  # adapters whose modules_to_save copies are read (first wins)
     mixed: tuple[str, ...] = ()  # mixed batch: adapters a per-row index chooses from
     training: bool = False
@@ -57,14 +59,19 @@ def add_keyword_input(gm: fx.GraphModule, name: str) -> fx.Node:
     return node
 
 
-def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec) -> fx.GraphModule:
+def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
+                  bind: tuple[str, ...]) -> fx.GraphModule:
+    """A fresh graph from the capture, rewritten by the pipeline; its slot bank bound to `bind`."""
     gm = capture.fresh_module()
-    if spec.is_base:
-        return gm
-    gm.add_module(MOUNT, store)
-    annotate(gm, model)
+    if not spec.is_base:
+        gm.add_module(MOUNT, store)
+        annotate(gm, model)
+    if spec.lora:
+        bank = SlotBank()
+        bank.bind(store, bind)
+        gm.add_module(SLOTS, bank)
     row_index: Optional[fx.Node] = add_keyword_input(gm, spec.row_input) if spec.mixed else None
-    ctx = PassContext(model=model, store=store, lora=spec.lora, saved=spec.saved, mixed=spec.mixed,
+    ctx = PassContext(model=model, store=store, lora=bind, saved=spec.saved, mixed=spec.mixed,
                       row_index=row_index, training=spec.training)
     for p in PIPELINE:
         run_pass(gm, p.RULES, ctx, p.NAME)
@@ -73,20 +80,33 @@ def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore,
 
 
 class VariantCache:
-    """Variants by key; stale ones (older store versions) are dropped when the store changes."""
+    """Variants by key; stale ones (older store versions) are dropped when the store changes.
+
+    `compile_options`, when set, wraps each variant in torch.compile once; a variant serves every
+    adapter of its layout through its slot bank, so switching such adapters compiles nothing new.
+    """
 
     def __init__(self) -> None:
-        self._variants: dict[tuple, fx.GraphModule] = {}
+        self._variants: dict[tuple, tuple[fx.GraphModule, Callable]] = {}
+        self.compile_options: Optional[dict[str, Any]] = None
 
-    def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec) -> fx.GraphModule:
+    def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
+            bind: tuple[str, ...] = ()) -> tuple[fx.GraphModule, Callable]:
+        """(graph, callable running it) for the spec, with the slot bank pointed at `bind`."""
         version = 0 if spec.is_base else store.version
         key = (id(capture), spec, version)
-        gm = self._variants.get(key)
-        if gm is None:
-            self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, version)}
-            gm = build_variant(capture, model, store, spec)
-            self._variants[key] = gm
-        return gm
+        entry = self._variants.get(key)
+        if entry is None:
+            self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, store.version)}
+            gm = build_variant(capture, model, store, spec, bind)
+            run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else gm
+            entry = self._variants[key] = (gm, run)
+        elif spec.lora:
+            getattr(entry[0], SLOTS).bind(store, bind)
+        return entry
+
+    def specs(self) -> list[VariantSpec]:
+        return [key[1] for key in self._variants]
 
     def clear(self) -> None:
         self._variants.clear()

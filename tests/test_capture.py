@@ -55,6 +55,6 @@ def test_disable_adapter_runs_the_base_graph(load_model):
     tagged = [n for n in base_graph.graph.nodes if "pass" in n.meta.get("peftfx", {})]
     assert tagged == [] and not hasattr(base_graph, "peftfx")
     inserted = [n for n in adapted.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith("lora")]
-    # per site: get_attr A, linear, get_attr B, linear, add (scaling 8/8 = 1 needs no multiply); 2 layers
+    # per site: get_attr A, linear, get_attr B, linear, get_attr scaling, mul, add; 2 layers
     assert sorted(str(n.target).split(".")[-1] if n.op == "get_attr" else str(n.target) for n in inserted) == sorted(
-        ["aten.linear.default"] * 4 + ["aten.add.Tensor"] * 2 + ["weight"] * 4)
+        ["aten.linear.default"] * 4 + ["aten.mul.Tensor", "aten.add.Tensor"] * 2 + ["A", "B", "scaling"] * 2)

@@ -1,0 +1,51 @@
+"""Slot banks: one variant graph serves every adapter of the same layout.
+
+A LoRA variant graph does not name adapters: it reads `peftfx_slots.p<i>.<site>.A`, `.B` and `.scaling`,
+where position i is the i-th active adapter. Binding points those attributes at an adapter's tensors
+(no copy), so switching between adapters of one layout (same sites, ranks, dropout and dtype) reuses
+the graph, and under torch.compile the compiled code too: parameters are graph inputs guarded by shape
+and dtype, not by identity.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .adapters import AdapterStore
+
+SLOTS = "peftfx_slots"  # attribute name of a variant's slot bank inside its GraphModule
+
+def slot_path(position: int, key: str, which: str) -> str:
+    return f"{SLOTS}.p{position}.{key}.{which}"
+
+
+class SlotBank(nn.Module):
+    """The attributes a variant graph reads adapter tensors from; `bind` re-points them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bound: Optional[tuple[str, ...]] = None
+
+    def _holder(self, path: str) -> nn.Module:
+        module: nn.Module = self
+        for part in path.split("."):
+            child = module._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                module.add_module(part, child)
+            module = child
+        return module
+
+    def bind(self, store: AdapterStore, adapters: tuple[str, ...]) -> None:
+        if self.bound == adapters:
+            return
+        for position, adapter in enumerate(adapters):
+            for key, slot in store.lora[adapter].items():
+                holder = self._holder(f"p{position}.{key}")
+                a, b = store.lora_weights(adapter, key)
+                holder._parameters["A"] = a
+                holder._parameters["B"] = b
+                holder._buffers["scaling"] = store.scaling_tensor(adapter, key)
+        self.bound = adapters

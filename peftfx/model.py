@@ -210,7 +210,8 @@ class PeftFxModel(nn.Module):
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
         """Merge and hand back the user's own model, with the active adapters' saved modules copied in.
         It needs no peftfx to run or to save (transformers' save_pretrained writes a plain checkpoint)."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        self.merge_adapter([n for n in names if n not in self._merged], safe_merge=safe_merge)
         return self._unload_saved_modules()
 
     def unload(self) -> nn.Module:

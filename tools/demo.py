@@ -21,7 +21,7 @@ DEFAULT_STEPS = 30
 DEFAULT_OUT = "peftfx-demo-out"
 GRAPH_FILE = "graph.py"
 LOGITS_ATOL = 1e-5  # the design's bar for "same math" in fp32; a reload is expected to be exact
-MISSING_FEATURES = "merge/export/draw: coming in issues #3, #6, #7"
+MISSING_FEATURES = "export/draw: coming in issues #6, #7"
 
 # The toy task: every sequence walks the cycle 10, 11, ..., 17, 10, ... from a different start.
 CYCLE_START, CYCLE_LEN = 10, 8
@@ -82,15 +82,15 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
         raise DemoError(f"--steps must be at least 1, got {steps}.")
     start = time.perf_counter()
 
-    log("[1/8] building a tiny LlamaForCausalLM from a LlamaConfig (hidden 64, 2 layers, vocab 256)")
+    log("[1/9] building a tiny LlamaForCausalLM from a LlamaConfig (hidden 64, 2 layers, vocab 256)")
     model = tiny_llama(seed)
     fresh_base = copy.deepcopy(model)  # untouched copy for the reload check
 
     data = toy_dataset()
-    log(f"[2/8] toy dataset: {data.shape[0]} sequences of {data.shape[1]} tokens cycling through "
+    log(f"[2/9] toy dataset: {data.shape[0]} sequences of {data.shape[1]} tokens cycling through "
         f"{CYCLE_START}..{CYCLE_START + CYCLE_LEN - 1}, e.g. {data[0, :10].tolist()} ...")
 
-    log("[3/8] peftfx.apply(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))"
+    log("[3/9] peftfx.apply(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))"
         " - captures the model with torch.export and adds the adapter")
     config = peftfx.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     pm = peftfx.apply(model, config)
@@ -99,7 +99,7 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
     pm.print_trainable_parameters()
     trainable, total = pm.get_nb_trainable_parameters()
 
-    log(f"[4/8] training {steps} step(s) with AdamW (lr={lr}, batch {BATCH})")
+    log(f"[4/9] training {steps} step(s) with AdamW (lr={lr}, batch {BATCH})")
     optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     pm.train()
     losses = []
@@ -123,13 +123,13 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
             base_logits = pm(input_ids=probe, attention_mask=mask).logits
     adapter_effect = (logits - base_logits).abs().max().item()
 
-    log(f"[5/8] pm.save_pretrained({out!r})")
+    log(f"[5/9] pm.save_pretrained({out!r})")
     pm.save_pretrained(out)
     files = sorted(os.listdir(out))
     for name in files:
         log(f"      {os.path.join(out, name)}  ({os.path.getsize(os.path.join(out, name)):,d} bytes)")
 
-    log("[6/8] peftfx.load(fresh copy of the base model, out) and comparing logits")
+    log("[6/9] peftfx.load(fresh copy of the base model, out) and comparing logits")
     reloaded = peftfx.load(fresh_base, out)
     reloaded.eval()
     with torch.no_grad():
@@ -142,16 +142,30 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
 
     gm = pm.graph_module
     lora_nodes = count_lora_nodes(gm)
-    log(f"[7/8] the LoRA pass inserted {lora_nodes} nodes into the graph "
+    log(f"[7/9] the LoRA pass inserted {lora_nodes} nodes into the graph "
         f"({len(sites)} sites; the graph has {len(gm.graph.nodes)} nodes in all)")
     graph_path = os.path.join(out, GRAPH_FILE)
     with open(graph_path, "w", encoding="utf-8") as f:
         f.write(f"# pm.graph_module.code of the peftfx demo: the eval-mode graph with LoRA on {len(sites)} sites.\n"
-                f"# Nodes the LoRA pass inserted read their weights from self.peftfx (the adapter store).\n")
+                f"# Nodes the LoRA pass inserted read their weights from self.peftfx_slots (bound to the adapter).\n")
         f.write(gm.code)
     log(f"      wrote the rewritten graph's code (pm.graph_module.code) to {graph_path}")
 
-    log(f"[8/8] {MISSING_FEATURES}")
+    log("[8/9] pm.merge_adapter(): folding scaling * B @ A into the base weights")
+    with torch.no_grad():
+        pm.merge_adapter()
+        merged_logits = pm(input_ids=probe, attention_mask=mask).logits
+    merge_diff = (merged_logits - logits).abs().max().item()
+    if merge_diff > LOGITS_ATOL:
+        raise DemoError(f"merged model gives different logits (max |diff| = {merge_diff:.3g} > {LOGITS_ATOL}).")
+    log(f"      merged logits match the unmerged ones (max |diff| = {merge_diff:.3g}); the graph that runs "
+        f"now has {count_lora_nodes(pm.graph_module)} LoRA nodes")
+    plain = pm.merge_and_unload()
+    merged_dir = os.path.join(out, "merged")
+    plain.save_pretrained(merged_dir)
+    log(f"      merge_and_unload() -> {type(plain).__name__}, saved with transformers to {merged_dir}")
+
+    log(f"[9/9] {MISSING_FEATURES}")
     seconds = time.perf_counter() - start
     log(f"done in {seconds:.1f} s")
     return DemoResult(losses[0], losses[-1], trainable, total, files, diff, adapter_effect, lora_nodes, sites,

@@ -20,5 +20,6 @@ class PassContext:
     saved: tuple[str, ...] = ()  # adapters whose modules_to_save copies are read (first wins)
     mixed: tuple[str, ...] = ()  # mixed batch: a row's index picks one of these (or none)
     row_index: Optional[fx.Node] = None  # the [batch] int64 input holding each row's index
+    prompt: tuple = ()  # (prompt-learning adapter, the user's token input: "input_ids" | "inputs_embeds")
     training: bool = False
     scratch: dict = field(default_factory=dict)  # per-variant facts a pass computes once

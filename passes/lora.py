@@ -71,6 +71,8 @@ def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     slots = {a: ctx.store.lora[a][key] for a in ctx.mixed if key in ctx.store.lora.get(a, {})}
     rank = max(s.r for s in slots.values())
     first = next(iter(slots.values()))
+    dtype = ctx.store.lora_weights(next(iter(slots)), key)[0].dtype  # the adapters' math runs in it
+    out_dtype = node.meta["val"].dtype if "val" in node.meta else dtype
     stacked_a, stacked_b = [], []
     for adapter in ctx.mixed:
         slot = slots.get(adapter)
@@ -81,6 +83,8 @@ def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
         b.adapter = adapter
         a = _weight(b, ctx, adapter, key, "A")
         w = _weight(b, ctx, adapter, key, "B")
+        if ctx.store.lora_weights(adapter, key)[0].dtype != dtype:
+            a, w = b.call(aten.to.dtype, a, dtype), b.call(aten.to.dtype, w, dtype)
         if slot.scaling != 1.0:
             w = b.call(aten.mul.Tensor, w, slot.scaling)
         if slot.r < rank:
@@ -98,9 +102,13 @@ def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     a_rows = b.call(aten.index_select.default, b.call(aten.stack.default, stacked_a), 0, ctx.row_index)
     b_rows = b.call(aten.index_select.default, b.call(aten.stack.default, stacked_b), 0, ctx.row_index)
     rows = b.call(aten.sym_size.int, ctx.row_index, 0)
+    if out_dtype != dtype:
+        x = b.call(aten.to.dtype, x, dtype)
     x3 = b.call(aten.reshape.default, x, [rows, -1, first.in_features])
     h = b.call(aten.bmm.default, x3, b.call(aten.transpose.int, a_rows, 1, 2))
     h = b.call(aten.bmm.default, h, b.call(aten.transpose.int, b_rows, 1, 2))
+    if out_dtype != dtype:
+        h = b.call(aten.to.dtype, h, out_dtype)
     out = b.call(aten.add.Tensor, node, b.call(aten.reshape_as.default, h, node))
     b.replace_uses(node, out)
 

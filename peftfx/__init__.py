@@ -9,6 +9,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "passes")) and _
     __path__.append(_root)  # noqa: F821 - __path__ is defined for packages
 from .api import apply, load
 from .config import LoraConfig
+from .prompt_config import PrefixTuningConfig, PromptTuningConfig
 from .errors import (AdapterNotFoundError, CaptureError, CheckpointError, ConfigError, PeftFxError,
                      TargetNotFoundError)
 from .model import PeftFxModel
@@ -16,6 +17,6 @@ from .model import PeftFxModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "load", "LoraConfig", "PeftFxModel", "PeftFxError", "ConfigError", "TargetNotFoundError",
+    "apply", "load", "LoraConfig", "PromptTuningConfig", "PrefixTuningConfig", "PeftFxModel", "PeftFxError", "ConfigError", "TargetNotFoundError",
     "CheckpointError", "AdapterNotFoundError", "CaptureError", "__version__",
 ]

@@ -45,6 +45,8 @@ class AdapterStore(nn.Module):
         self.lora: dict[str, dict[str, LoraSlot]] = {}  # adapter -> key -> slot
         self.saved: dict[str, dict[str, nn.Module]] = {}  # adapter -> module path -> trainable copy
         self.bias_names: dict[str, list[str]] = {}  # adapter -> base bias parameters it trains and saves
+        self.prompts: dict[str, nn.Module] = {}  # prompt-learning adapter -> its PromptEmbedding/PrefixEncoder
+        self.kinds: dict[str, str] = {}  # adapter -> peft_type ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
         self.version = 0  # bumped on every structural change; variant caches key on it
         self._layouts: dict[tuple, tuple] = {}
 
@@ -119,6 +121,23 @@ class AdapterStore(nn.Module):
         self.version += 1
         return clone
 
+    # -- prompt learning (virtual tokens) ----------------------------------------------------------------
+
+    PROMPT_ROOT = "prompt_encoder"
+
+    def add_prompt(self, adapter: str, module: nn.Module) -> None:
+        if self.PROMPT_ROOT not in self._modules:
+            self.add_module(self.PROMPT_ROOT, nn.ModuleDict())
+        self._modules[self.PROMPT_ROOT][adapter] = module
+        self.prompts[adapter] = module
+        self.version += 1
+
+    def prompt_module_path(self, adapter: str) -> str:
+        return f"{self.PROMPT_ROOT}.{adapter}"
+
+    def prompt_weight_path(self, adapter: str) -> str:
+        return f"{self.prompt_module_path(adapter)}.embedding.weight"
+
     # -- adapters as a whole ---------------------------------------------------------------------------
 
     def adapter_names(self) -> list[str]:
@@ -134,6 +153,9 @@ class AdapterStore(nn.Module):
             prefix = self.saved_module_path(path, adapter)
             for name, p in clone.named_parameters():
                 yield f"{prefix}.{name}", p
+        if adapter in self.prompts:
+            for name, p in self.prompts[adapter].named_parameters():
+                yield f"{self.prompt_module_path(adapter)}.{name}", p
 
     def delete(self, adapter: str) -> None:
         """Drop every tensor and fact of an adapter."""
@@ -142,7 +164,10 @@ class AdapterStore(nn.Module):
             del holder.lora_A[adapter], holder.lora_B[adapter], holder._buffers[f"lora_scaling_{adapter}"]
         for path in self.saved.pop(adapter, {}):
             del self.node(path).modules_to_save[adapter]
+        if self.prompts.pop(adapter, None) is not None:
+            del self._modules[self.PROMPT_ROOT][adapter]
         self.configs.pop(adapter, None)
+        self.kinds.pop(adapter, None)
         self.bias_names.pop(adapter, None)
         self.version += 1
 

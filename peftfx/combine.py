@@ -71,7 +71,8 @@ def combined_rank(store: AdapterStore, adapters: list[str], combination_type: st
     missing = [a for a in adapters if a not in store.configs]
     if missing:
         raise ConfigError(f"cannot combine unknown adapter(s) {missing}; loaded: {store.adapter_names()}.")
-    ranks = [store.configs[a].r for a in adapters]
+    # the largest rank any site of an adapter may have, as PEFT allocates
+    ranks = [max([store.configs[a].r, *store.configs[a].rank_pattern.values()]) for a in adapters]
     if combination_type == "linear":
         if len(set(ranks)) != 1:
             raise ConfigError(f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}; "

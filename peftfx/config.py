@@ -145,10 +145,13 @@ class LoraConfig:
         return dict(sorted(out.items()))
 
 
-CONFIG_CLASSES = {"LORA": LoraConfig}
+from .prompt_config import PrefixTuningConfig, PromptLearningConfig, PromptTuningConfig  # noqa: E402
+
+AdapterConfig = Union[LoraConfig, PromptLearningConfig]
+CONFIG_CLASSES = {"LORA": LoraConfig, "PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> LoraConfig:
+def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterConfig:
     """Build a config from adapter_config.json content; unknown keys and unsupported values are errors."""
     data = dict(data)
     peft_type = data.get("peft_type", "LORA")
@@ -163,7 +166,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> LoraConfig
     for key, value in data.items():
         if key in known:
             kwargs[key] = getattr(value, "value", value)
-        elif key in UNSUPPORTED_LORA_FIELDS:
+        elif cls is LoraConfig and key in UNSUPPORTED_LORA_FIELDS:
             if not _is_accepted_default(value, UNSUPPORTED_LORA_FIELDS[key]):
                 raise ConfigError(
                     f"{source}: {key}={value!r} is a PEFT option peftfx does not support yet; "
@@ -185,9 +188,9 @@ def _is_accepted_default(value: Any, accepted: tuple) -> bool:
     return any(value == ok for ok in accepted)
 
 
-def as_peftfx_config(config: Any) -> LoraConfig:
-    """Accept a peftfx config, a `peft.LoraConfig` object or a plain dict."""
-    if isinstance(config, LoraConfig):
+def as_peftfx_config(config: Any) -> AdapterConfig:
+    """Accept a peftfx config, the matching `peft` config object or a plain dict."""
+    if isinstance(config, (LoraConfig, PromptLearningConfig)):
         return config
     if isinstance(config, dict):
         return config_from_dict(config)
@@ -195,4 +198,5 @@ def as_peftfx_config(config: Any) -> LoraConfig:
     if callable(to_dict) and hasattr(config, "peft_type"):
         return config_from_dict(to_dict(), source=type(config).__name__)
     raise ConfigError(
-        f"Expected a peftfx.LoraConfig, a peft.LoraConfig or a dict, got {type(config).__name__}.")
+        f"Expected a peftfx config (LoraConfig, PromptTuningConfig, PrefixTuningConfig), the same peft "
+        f"config, or a dict; got {type(config).__name__}.")

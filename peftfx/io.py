@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import DEFAULT_LORA_TARGETS, LoraConfig, config_from_dict
+from .config import DEFAULT_LORA_TARGETS, AdapterConfig, config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError
+from .virtual_tokens import PROMPT_HEAD_PREFIX, PROMPT_KEY
 
 if TYPE_CHECKING:
     from .model import PeftFxModel
@@ -133,8 +134,7 @@ def save_adapters(pm: "PeftFxModel", directory: str, selected: Optional[Iterable
     for name in names:
         folder = directory if name == "default" else os.path.join(directory, name)
         os.makedirs(folder, exist_ok=True)
-        entries = plan_entries(pm, pm.adapter_plan(name))
-        tensors = {e.peft_key: entry_tensor(pm, e).detach().contiguous().cpu() for e in entries}
+        tensors = _adapter_tensors(pm, name)
         _atomic_write(os.path.join(folder, SAFETENSORS_NAME),
                       lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
         config = _config_for_saving(pm, pm.adapters.configs[name])
@@ -142,10 +142,24 @@ def save_adapters(pm: "PeftFxModel", directory: str, selected: Optional[Iterable
                       lambda tmp, c=config: _write_text(tmp, json.dumps(c, indent=2, sort_keys=True)))
 
 
-def _config_for_saving(pm: "PeftFxModel", config: LoraConfig) -> dict[str, Any]:
+def _adapter_tensors(pm: "PeftFxModel", name: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by PEFT key (prompt learning: PEFT's single `prompt_embeddings`)."""
+    prompt = pm.adapters.prompts.get(name)
+    if prompt is not None:
+        with torch.no_grad():
+            tensors = {PROMPT_KEY: prompt.saved_embeddings().detach().contiguous().cpu()}
+        for path, clone in pm.adapters.saved.get(name, {}).items():
+            for key, t in clone.state_dict().items():
+                tensors[f"{PROMPT_HEAD_PREFIX}{path}.{key}"] = t.detach().contiguous().cpu()
+        return tensors
+    entries = plan_entries(pm, pm.adapter_plan(name))
+    return {e.peft_key: entry_tensor(pm, e).detach().contiguous().cpu() for e in entries}
+
+
+def _config_for_saving(pm: "PeftFxModel", config: AdapterConfig) -> dict[str, Any]:
     data = config.to_dict()
     data["inference_mode"] = True
-    if data["target_modules"] is None:
+    if data.get("target_modules", "") is None:
         model_type = getattr(getattr(pm.base_model, "config", None), "model_type", None)
         data["target_modules"] = DEFAULT_LORA_TARGETS.get(model_type)
     if data["base_model_name_or_path"] is None:
@@ -218,7 +232,7 @@ def _resolve_from_hub(repo_id: str, subfolder: Optional[str], revision: Optional
     raise AdapterNotFoundError(f"hub repo {repo_id!r} has {CONFIG_NAME} but no adapter weights file.")
 
 
-def read_config(config_path: str) -> LoraConfig:
+def read_config(config_path: str) -> AdapterConfig:
     with open(config_path, encoding="utf-8") as f:
         data = json.load(f)
     return config_from_dict(data, source=config_path)

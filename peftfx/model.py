@@ -15,10 +15,12 @@ from peftfx.passes import merge as merge_pass
 from .adapters import AdapterStore
 from .capture import Capture, Capturer
 from .combine import combine_site, combined_rank
-from .config import LoraConfig, as_peftfx_config
-from .errors import ConfigError
-from .plan import AdapterPlan, commit_plan, existing_plan, make_plan
+from .config import AdapterConfig, LoraConfig, as_peftfx_config
+from .errors import CheckpointError, ConfigError
+from .plan import AdapterPlan, commit_plan, existing_plan, make_plan, modules_to_save_paths
+from .prompt_config import PromptLearningConfig, fill_from_model
 from .state import BASE_ROW, VariantCache, VariantSpec
+from .virtual_tokens import PROMPT_HEAD_PREFIX, PROMPT_KEY, capture_inputs, check_task, make_prompt_module, user_inputs
 
 DEFAULT_ADAPTER = "default"
 
@@ -70,7 +72,7 @@ class PeftFxModel(nn.Module):
         return self.base_model
 
     @property
-    def peft_config(self) -> dict[str, LoraConfig]:
+    def peft_config(self) -> dict[str, AdapterConfig]:
         return self.adapters.configs
 
     @property
@@ -94,13 +96,56 @@ class PeftFxModel(nn.Module):
         from .io import check_weights, copy_weights, plan_entries
         config = as_peftfx_config(peft_config)
         self._check_new_name(adapter_name)
+        self._check_same_kind(config)
+        if isinstance(config, PromptLearningConfig):
+            return self._add_prompt_adapter(adapter_name, config, weights, source)
         plan = make_plan(self._reference_capture().fresh_module(), self.base_model, adapter_name, config)
         entries = plan_entries(self, plan)
         matched = check_weights(entries, weights, source) if weights is not None else None
         first = not self._active
         commit_plan(self.base_model, self.adapters, plan, trainable=first and not config.inference_mode)
+        self.adapters.kinds[adapter_name] = config.peft_type
         if matched is not None:
             copy_weights(self, entries, matched)
+        if first:
+            self._active = [adapter_name]
+
+    def _check_same_kind(self, config: AdapterConfig) -> None:
+        kinds = set(self.adapters.kinds.values())
+        if kinds and kinds != {config.peft_type}:
+            raise ConfigError(f"cannot add a {config.peft_type} adapter to a model holding {sorted(kinds)} adapters "
+                              "(PEFT refuses mixing adapter types too); use a separate peftfx.apply.")
+
+    def _add_prompt_adapter(self, adapter_name: str, config: PromptLearningConfig,
+                            weights: Optional[dict[str, torch.Tensor]], source: str) -> None:
+        """Prompt or prefix tuning: one tensor of virtual tokens (PEFT's `prompt_embeddings`)."""
+        check_task(config)
+        config = fill_from_model(config, self.base_model)
+        if weights is not None and getattr(config, "prefix_projection", False):
+            # the file holds the projected prefix; the MLP that made it is not saved (as in PEFT)
+            config = dataclasses.replace(config, inference_mode=True)
+        module = make_prompt_module(config, self.base_model)
+        saved_paths = modules_to_save_paths(self.base_model, config)
+        if weights is not None:
+            heads = {f"{PROMPT_HEAD_PREFIX}{path}.{name}": tuple(t.shape) for path in saved_paths
+                     for name, t in self.base_model.get_submodule(path).state_dict().items()}
+            tensor = _prompt_tensor(weights, tuple(module.saved_embeddings().shape), heads, source)
+            with torch.no_grad():
+                module.embedding.weight.copy_(tensor.to(module.embedding.weight.dtype))
+        first = not self._active
+        if not self.adapters.configs:
+            for p in self.base_model.parameters():
+                p.requires_grad_(False)
+        for path in saved_paths:
+            clone = self.adapters.add_saved_module(adapter_name, path, self.base_model.get_submodule(path))
+            if weights is not None:
+                with torch.no_grad():
+                    for name, t in clone.state_dict(keep_vars=True).items():
+                        t.copy_(weights[f"{PROMPT_HEAD_PREFIX}{path}.{name}"])
+        self.adapters.add_prompt(adapter_name, module)
+        self.adapters.configs[adapter_name] = config
+        self.adapters.kinds[adapter_name] = config.peft_type
+        self.adapters.set_trainable(adapter_name, first and not config.inference_mode)
         if first:
             self._active = [adapter_name]
 
@@ -111,6 +156,12 @@ class PeftFxModel(nn.Module):
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
             raise ConfigError(f"adapter name {adapter_name!r} must be non-empty, contain no '.' and not be "
                               f"{BASE_ROW!r}.")
+
+    def _check_lora_only(self, names: Sequence[str], what: str) -> None:
+        prompts = [n for n in names if n in self.adapters.prompts]
+        if prompts:
+            raise ConfigError(f"prompt-learning adapters {prompts} cannot be {what} (only LoRA adapters can, "
+                              "as in PEFT).")
 
     def adapter_plan(self, adapter_name: str) -> AdapterPlan:
         """The plan an existing adapter was built from (what save_pretrained writes)."""
@@ -126,6 +177,8 @@ class PeftFxModel(nn.Module):
         Inactive adapters are frozen; active ones become trainable unless loaded for inference."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_known(names)
+        if len(names) > 1 and any(n in self.adapters.prompts for n in names):
+            raise ConfigError(f"prompt-learning adapters run one at a time; set_adapter one of {names}.")
         if self._merged and names != self._active:
             warnings.warn(f"adapters {self._merged} are merged; set_adapter does not unmerge them "
                           "(call unmerge_adapter() first).", stacklevel=2)
@@ -167,6 +220,14 @@ class PeftFxModel(nn.Module):
         if len(adapters) != len(weights):
             raise ConfigError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight each.")
         combination_type = "linear" if len(adapters) == 1 else combination_type
+        self._check_known(list(adapters))
+        self._check_lora_only(list(adapters), "combined")
+        shared = sorted(p for p in {p for a in adapters for p in self.adapters.saved.get(a, {})}
+                        if sum(p in self.adapters.saved.get(a, {}) for a in adapters) > 1)
+        if shared:
+            raise ConfigError(f"adapters {adapters} each save module(s) {shared} (modules_to_save); trained "
+                              "copies of one module cannot be combined. Combine adapters that save different "
+                              "modules, or none.")
         rank = combined_rank(self.adapters, adapters, combination_type, svd_rank)
         first = self.adapters.configs[adapters[0]]
         targets = [self.adapters.configs[a].target_modules for a in adapters]
@@ -196,6 +257,7 @@ class PeftFxModel(nn.Module):
         base graph. With safe_merge, NaN/Inf results are refused before any weight changes."""
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         self._check_known(names)
+        self._check_lora_only(names, "merged")
         todo = [n for n in names if n not in self._merged]
         if len(todo) < len(names):
             warnings.warn(f"already merged: {[n for n in names if n in self._merged]}", stacklevel=2)
@@ -215,7 +277,8 @@ class PeftFxModel(nn.Module):
         return self._unload_saved_modules()
 
     def unload(self) -> nn.Module:
-        """The user's model without any adapter (unmerged first, as PEFT does)."""
+        """The user's model without any adapter. Unlike PEFT's unload, merged adapters are unmerged
+        first, so the weights handed back are the original ones (docs/migration.md)."""
         if self._merged:
             self.unmerge_adapter()
         return self.base_model
@@ -232,27 +295,55 @@ class PeftFxModel(nn.Module):
 
     # -- running --------------------------------------------------------------------------------------
 
-    def _reference_capture(self) -> Capture:
-        """The capture used to find targets: the user's example inputs, or ones made from the HF config."""
-        if self._last_capture is not None:
-            return self._last_capture
+    def _reference_named(self) -> dict[str, Any]:
+        """The user's example inputs, or ones made from the HF config, by name."""
         example = self._example_inputs
         if example is None:
             example = hf_example_inputs(self.base_model)
         args, kwargs = ((), dict(example)) if isinstance(example, dict) else (tuple(example), {})
-        named = self._capturer.prepare_inputs(args, kwargs)
-        self._last_capture = self._capturer.get(named, training=False)
+        return self._capturer.prepare_inputs(args, kwargs)
+
+    def _reference_capture(self) -> Capture:
+        """The capture used to find targets (the last call's, else the reference inputs')."""
+        if self._last_capture is None:
+            self._last_capture = self._capturer.get(self._reference_named(), training=False)
         return self._last_capture
+
+    def _prompt_adapter(self) -> Optional[str]:
+        """The active prompt-learning adapter, unless adapters are disabled."""
+        if self._disabled or not self._active or self._active[0] not in self.adapters.prompts:
+            return None
+        return self._active[0]
+
+    def _prompt_variant(self, adapter: str, named: dict[str, Any]) -> tuple[fx.GraphModule, Any, dict]:
+        """(graph, callable, inputs to call it with): the base graph captured for the virtual tokens'
+        sizes, rewritten by the prompt/prefix pass to take the user's inputs."""
+        config = self.adapters.configs[adapter]
+        named = user_inputs(config, named)
+        source = "input_ids" if "input_ids" in named else "inputs_embeds"
+        capture = self._capturer.get(capture_inputs(config, named, self.base_model), self.training)
+        saved = (adapter,) if self.adapters.saved.get(adapter) else ()
+        spec = VariantSpec(prompt=(adapter, source), saved=saved, training=self.training)
+        gm, run = self._variants.get(capture, self.base_model, self.adapters, spec)
+        return gm, run, named
 
     def _run(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """Run the active variant; same arguments and output type as the wrapped model's forward.
         `adapter_names` (one name per batch row, or "__base__") runs a mixed batch in one graph."""
         named = self._capturer.prepare_inputs(args, kwargs)
+        prompt = self._prompt_adapter()
+        if prompt is not None:
+            if adapter_names is not None:
+                raise ConfigError("adapter_names (mixed batches) works with LoRA adapters only.")
+            _, run, named = self._prompt_variant(prompt, named)
+            return run(**named)
         capture = self._capturer.get(named, self.training)
         self._last_capture = capture
         if adapter_names is None:
             return self._variant(capture)[1](**named)
         spec, row_index = self._mixed_spec(adapter_names, named, capture)
+        if self._disabled:  # PEFT: disabled adapters win over adapter_names
+            return self._variant(capture)[1](**named)
         _, run = self._variants.get(capture, self.base_model, self.adapters, spec)
         return run(**named, **{spec.row_input: row_index})
 
@@ -290,6 +381,9 @@ class PeftFxModel(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         """The active variant's GraphModule for the most recent call (or the reference inputs)."""
+        prompt = self._prompt_adapter()
+        if prompt is not None:
+            return self._prompt_variant(prompt, self._reference_named())[0]
         return self._variant(self._reference_capture())[0]
 
     def compile(self, **options: Any) -> "PeftFxModel":
@@ -345,3 +439,17 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[st
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _prompt_tensor(weights: dict[str, torch.Tensor], shape: tuple, heads: dict[str, tuple],
+                   source: str) -> torch.Tensor:
+    """A prompt-learning checkpoint: `prompt_embeddings` plus any saved heads, checked by name and shape."""
+    wanted = {PROMPT_KEY: shape, **heads}
+    if set(weights) != set(wanted):
+        raise CheckpointError(f"{source}: a prompt-learning checkpoint for this model holds {sorted(wanted)}; "
+                              f"found {sorted(weights)[:6]}. Is adapter_config.json from another adapter?")
+    for key, need in wanted.items():
+        if tuple(weights[key].shape) != need:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(weights[key].shape)} but the model "
+                                  f"needs {need}; was it trained for another model or num_virtual_tokens?")
+    return weights[PROMPT_KEY]

@@ -61,8 +61,8 @@ def modules_to_save_paths(model: torch.nn.Module, config: LoraConfig) -> list[st
 
 def trainable_biases(model: torch.nn.Module, config: LoraConfig, slots: list[LoraSlot], saved: list[str]) -> list[str]:
     """PEFT's bias option: 'all' trains every parameter named like a bias, 'lora_only' the adapted ones.
-    Biases of modules_to_save modules are left out: their trainable copies already carry them (PEFT
-    also unfreezes the unused original, which changes nothing)."""
+    Biases of modules_to_save modules are left out: their trainable copies already carry them, and
+    PEFT too leaves the unused original frozen (same trainable count)."""
     if config.bias == "all":
         return [n for n, _ in model.named_parameters()
                 if "bias" in n and not any(n.startswith(p + ".") for p in saved)]

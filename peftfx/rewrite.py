@@ -46,6 +46,10 @@ class Builder:
         self.created.append(node)
         return node
 
+    def continue_after(self, node: fx.Node) -> None:
+        """Insert the next nodes after `node` (e.g. `anchor.prev`, for nodes that feed the anchor)."""
+        self._cursor = node
+
     def get_attr(self, target: str) -> fx.Node:
         with self.gm.graph.inserting_after(self._cursor):
             return self._stamp(self.gm.graph.get_attr(target))

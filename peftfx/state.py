@@ -15,18 +15,20 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from peftfx.passes import inline_grad_regions, lora, modules_to_save
+from peftfx.passes import inline_grad_regions, lora, modules_to_save, prefix, prompt
 from peftfx.passes.context import PassContext
 
 from .adapters import MOUNT, AdapterStore
 from .capture import Capture
+from .graph_inputs import add_keyword_input
 from .rewrite import run_pass
 from .select import annotate
 from .slots import SLOTS, SlotBank
 
 # Order matters: modules_to_save retargets base reads before LoRA reads the (possibly copied) inputs.
 # Every variant, the base one included, gets its no-grad regions inlined (one compiled graph, no break).
-PIPELINE = (inline_grad_regions, modules_to_save, lora)
+# prompt/prefix rewrite the graph's inputs and attention before any weight-level pass.
+PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora)
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 
 
@@ -37,26 +39,13 @@ class VariantSpec:
     lora: tuple[tuple, ...] = ()  # layouts of the adapters whose LoRA paths run (summed), in order
     saved: tuple[str, ...] = ()  # adapters whose modules_to_save copies are read (first wins)
     mixed: tuple[str, ...] = ()  # mixed batch: adapters a per-row index chooses from
+    prompt: tuple = ()  # (prompt-learning adapter, the user's token input name)
     training: bool = False
     row_input: ClassVar[str] = "peftfx_row_adapter"  # the extra keyword input of mixed variants
 
     @property
     def is_base(self) -> bool:
-        return not (self.lora or self.saved or self.mixed)
-
-
-def add_keyword_input(gm: fx.GraphModule, name: str) -> fx.Node:
-    """Append a keyword input to an exported GraphModule, keeping its pytree calling convention."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    with gm.graph.inserting_after(placeholders[-1]):
-        node = gm.graph.placeholder(name)
-    codegen = gm.graph._codegen
-    info = codegen.pytree_info
-    keys = list(info.in_spec.child(1).context) + [name]
-    _, in_spec = pytree.tree_flatten(((), {k: 0 for k in keys}))
-    codegen.pytree_info = info._replace(orig_args=list(info.orig_args) + [name], in_spec=in_spec)
-    gm._in_spec = in_spec
-    return node
+        return not (self.lora or self.saved or self.mixed or self.prompt)
 
 
 def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
@@ -72,7 +61,7 @@ def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore,
         gm.add_module(SLOTS, bank)
     row_index: Optional[fx.Node] = add_keyword_input(gm, spec.row_input) if spec.mixed else None
     ctx = PassContext(model=model, store=store, lora=bind, saved=spec.saved, mixed=spec.mixed,
-                      row_index=row_index, training=spec.training)
+                      row_index=row_index, prompt=spec.prompt, training=spec.training)
     for p in PIPELINE:
         run_pass(gm, p.RULES, ctx, p.NAME)
     gm.recompile()

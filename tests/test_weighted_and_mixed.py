@@ -89,3 +89,59 @@ def test_mixed_batch_errors(load_model, tmp_path):
     pm.train()
     with pytest.raises(peftfx.ConfigError, match="for inference"):
         pm(**kw, adapter_names=["default", "default"])
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd"])
+def test_weighted_adapter_with_rank_pattern_matches_peft(combination, load_model, tmp_path):
+    """PEFT sizes the combined adapter by the largest rank any site may have (rank_pattern included)."""
+    configs = {"default": dict(r=2, rank_pattern={"q_proj": 6}, target_modules=["q_proj", "v_proj"]),
+               "b": dict(r=4, target_modules=["q_proj"])}
+    ref, pm = twin_models(load_model, "llama", configs, tmp_path)
+    kwargs = dict(adapters=["default", "b"], weights=[0.5, 1.5], adapter_name="mix", combination_type=combination)
+    ref.add_weighted_adapter(**kwargs)
+    pm.add_weighted_adapter(**kwargs)
+    assert pm.peft_config["mix"].r == ref.peft_config["mix"].r == (10 if combination == "cat" else 6)
+    ref.set_adapter("mix"), pm.set_adapter("mix")
+    kw = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_adapter_refuses_two_trained_copies_of_one_module(load_model, tmp_path):
+    configs = {"default": dict(r=2, target_modules=["query"], modules_to_save=["classifier"]),
+               "b": dict(r=2, target_modules=["value"], modules_to_save=["classifier"])}
+    ref, pm = twin_models(load_model, "bert", configs, tmp_path)
+    kwargs = dict(adapters=["default", "b"], weights=[1.0, 1.0], adapter_name="mix", combination_type="cat")
+    with pytest.raises(ValueError, match="modules_to_save"):
+        ref.add_weighted_adapter(**kwargs)
+    with pytest.raises(peftfx.ConfigError, match=r"each save module\(s\) \['classifier'\]"):
+        pm.add_weighted_adapter(**kwargs)
+    assert "mix" not in pm.peft_config
+
+
+def test_mixed_batch_inside_disable_adapter_runs_the_base(load_model, tmp_path):
+    ref, pm = twin_models(load_model, "llama", MIXED, tmp_path)
+    kw = batch(4, 6)
+    rows = ["default", "b", "__base__", "c"]
+    with torch.no_grad(), pm.disable_adapter(), ref.disable_adapter():
+        got = pm(**kw, adapter_names=rows).logits
+        want = ref(**kw, adapter_names=rows).logits
+        base = pm(**kw).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, base, atol=0, rtol=0)
+
+
+def test_mixed_batch_on_a_bf16_model_matches_peft(load_model, tmp_path):
+    """bf16 base, fp32 adapters (both libraries): the mixed path casts in and out like the single one."""
+    ref, pm = twin_models(lambda name: load_model(name).to(torch.bfloat16), "llama", MIXED, tmp_path)
+    assert next(p for n, p in ref.named_parameters() if "lora_A" in n).dtype == torch.float32
+    kw = batch(4, 6)
+    rows = ["c", "default", "__base__", "b"]
+    with torch.no_grad():
+        got = pm(**kw, adapter_names=rows).logits
+        want = ref(**kw, adapter_names=rows).logits
+        pm.set_adapter("c")
+        alone = pm(**{k: v[:1] for k, v in kw.items()}).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got[:1], alone, atol=2e-2, rtol=2e-2)

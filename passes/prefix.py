@@ -11,10 +11,19 @@ After:   pk, pv = prefix[:, 2i], prefix[:, 2i+1]                    # [P, kv hea
          mask' = cat([visible(B, 1, L, P), mask], -1)                # prefix always visible
          out = scaled_dot_product_attention(q, k', v', mask')
 With no mask and `is_causal=True` the pass writes the causal mask with the prefix columns open.
+
+Models loaded with `attn_implementation="eager"` have no attention op; the pass finds the eager pattern
+instead and rewrites it the same way:
+
+Before:  probs = softmax(mul(matmul(q, transpose(k)), scale) + mask)  ...  out = matmul(probs, v)
+After:   probs = softmax(mul(matmul(q, transpose(cat([pk, k], 2))), scale) + cat([zeros(.., P), mask], -1))
+         out = matmul(probs, cat([pv, v], 2))
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import fx
@@ -60,26 +69,88 @@ def _positions(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     remove_keyword_input(gm, "position_ids")
 
 
-def attention_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]
+@dataclass(frozen=True)
+class EagerAttention:
+    """softmax(f(matmul(q, transpose(k)), mask...)) -> matmul(probs, v), as HF's eager attention writes it."""
+    scores: fx.Node            # matmul(q, kᵀ)
+    path: tuple[fx.Node, ...]  # elementwise nodes from the scores to the softmax (scale, masks, casts)
+    output: fx.Node            # matmul(probs, v)
+
+
+SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default)
+SCORE_OPS = (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self,
+             aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+             aten.to.dtype, aten._to_copy.default)
+PROBS_OPS = (aten.to.dtype, aten._to_copy.default, aten.dropout.default, aten.type_as.default,
+             aten.clone.default, aten.contiguous.default)
+TRANSPOSE_LAST = ({2, 3}, {-1, -2}, {3, -2}, {2, -1})
+
+
+def _is_key_transpose(node) -> bool:
+    return (isinstance(node, fx.Node) and node.target == aten.transpose.int and node.args[0].meta["val"].dim() == 4
+            and set(node.args[1:3]) in TRANSPOSE_LAST)
+
+
+def _scores_path(node, depth: int = 8) -> Optional[list[fx.Node]]:
+    """Walk back from a softmax input through elementwise ops to matmul(q, transpose(k)); [] if not found."""
+    if not isinstance(node, fx.Node) or depth == 0:
+        return None
+    if node.target == aten.matmul.default and _is_key_transpose(node.args[1]):
+        return [node]
+    if node.target not in SCORE_OPS:
+        return None
+    for arg in node.args:
+        path = _scores_path(arg, depth - 1)
+        if path:
+            return path + [node]
+    return None
+
+
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume the value (export adds `_assert_tensor_metadata` checks beside the real users)."""
+    return [u for u in node.users if u.target != aten._assert_tensor_metadata.default]
+
+
+def eager_attention(node: fx.Node) -> Optional[EagerAttention]:
+    """The eager attention pattern around this softmax node, or None."""
+    if node.op != "call_function" or node.target not in SOFTMAX_OPS:
+        return None
+    path = _scores_path(node.args[0])
+    probs = node
+    while len(_data_users(probs)) == 1 and _data_users(probs)[0].target in PROBS_OPS:
+        probs = _data_users(probs)[0]
+    output = _data_users(probs)[0] if len(_data_users(probs)) == 1 else None
+    if not path or output is None or output.target != aten.matmul.default or output.args[0] is not probs:
+        return None
+    return EagerAttention(scores=path[0], path=tuple(path[1:]), output=output)
+
+
+def attention_sites(gm: fx.GraphModule) -> list[fx.Node]:
+    """Attention ops and eager-attention softmax nodes, in graph (= layer) order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and (n.target in ATTENTION_OPS or eager_attention(n) is not None)]
 
 
 def _layers(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, int]:
-    """Attention op -> layer: its rank among the graph's attention ops (checked against num_layers)."""
+    """Attention site -> layer: its rank among the graph's attention sites (checked against num_layers)."""
     if "prefix_layers" not in ctx.scratch:
-        nodes = attention_nodes(gm)
+        nodes = attention_sites(gm)
         layers = _config(ctx).num_layers
         if len(nodes) != layers:
             raise ConfigError(
-                f"prefix tuning found {len(nodes)} attention ops (scaled_dot_product_attention) in the graph "
-                f"but the config has num_layers={layers}. Load the model with attn_implementation='sdpa' "
-                "(eager attention is not matched yet) or set num_layers to the number of attention layers.")
+                f"prefix tuning found {len(nodes)} attention layers in the graph (scaled_dot_product_attention "
+                f"ops or eager softmax(q·kᵀ)·v patterns) but the config has num_layers={layers}. Set "
+                "num_layers to the number of attention layers, or load the model with attn_implementation='sdpa'.")
         ctx.scratch["prefix_layers"] = {n: i for i, n in enumerate(nodes)}
     return ctx.scratch["prefix_layers"]
 
 
 def _is_attention(node: fx.Node, ctx: PassContext) -> bool:
     return _active(ctx) and node.op == "call_function" and node.target in ATTENTION_OPS
+
+
+def _is_eager_attention(node: fx.Node, ctx: PassContext) -> bool:
+    return _active(ctx) and eager_attention(node) is not None
 
 
 def _prefix_table(ctx: PassContext, b: Builder) -> fx.Node:
@@ -134,7 +205,7 @@ def _attention(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     args["value"] = b.call(aten.cat.default, [_prefix_states(b, table, 2 * layer + 1, value, ctx), value], 2)
     mask = args.get("attn_mask")
     if mask is not None:
-        args["attn_mask"] = _open_prefix(b, mask, p)
+        args["attn_mask"] = _open_prefix(b, mask, ctx)
     elif args.get("is_causal"):
         args["attn_mask"] = _causal_with_prefix(b, args["query"], key, p)
         args["is_causal"] = False
@@ -142,14 +213,23 @@ def _attention(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     node.kwargs = args
 
 
-def _open_prefix(b: Builder, mask: fx.Node, p: int) -> fx.Node:
+def _prepend_columns(b: Builder, tensor: fx.Node, value, ctx: PassContext) -> fx.Node:
+    """cat([full(..., P, value), tensor], -1): P key columns in front, other dims as the tensor's.
+
+    Built once per mask: every layer shares the model's mask, so later layers reuse the first widening."""
+    cache = ctx.scratch.setdefault("prefix_columns", {})
+    if (tensor, value) not in cache:
+        p = _config(ctx).num_virtual_tokens
+        dims = tensor.meta["val"].dim()
+        first = b.call(aten.slice.Tensor, tensor, dims - 1, 0, 1)
+        columns = b.call(aten.expand.default, b.call(aten.full_like.default, first, value), [-1] * (dims - 1) + [p])
+        cache[(tensor, value)] = b.call(aten.cat.default, [columns, tensor], dims - 1)
+    return cache[(tensor, value)]
+
+
+def _open_prefix(b: Builder, mask: fx.Node, ctx: PassContext) -> fx.Node:
     """Prepend P visible key columns (True for boolean masks, 0 for additive ones)."""
-    dims = mask.meta["val"].dim()
-    first = b.call(aten.slice.Tensor, mask, dims - 1, 0, 1)
-    visible = b.call(aten.ones_like.default, first) if mask.meta["val"].dtype == torch.bool \
-        else b.call(aten.zeros_like.default, first)
-    visible = b.call(aten.expand.default, visible, [-1] * (dims - 1) + [p])
-    return b.call(aten.cat.default, [visible, mask], dims - 1)
+    return _prepend_columns(b, mask, True if mask.meta["val"].dtype == torch.bool else 0.0, ctx)
 
 
 def _causal_with_prefix(b: Builder, query: fx.Node, key: fx.Node, p: int) -> fx.Node:
@@ -164,7 +244,53 @@ def _causal_with_prefix(b: Builder, query: fx.Node, key: fx.Node, p: int) -> fx.
     return b.call(aten.le.Tensor, b.call(aten.unsqueeze.default, k_pos, 0), limit)
 
 
+def _visible_value(op, index: int, operand: fx.Node):
+    """What a prefix column holds in `operand` so that the prefix stays visible through `op`."""
+    boolean = operand.meta["val"].dtype == torch.bool
+    if op in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and index == 0:
+        return True                                  # where(keep, scores, -inf)
+    if op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and index == 1:
+        return False                                 # masked_fill(scores, hide, -inf)
+    if op in (aten.add.Tensor, aten.sub.Tensor) and not boolean:
+        return 0.0                                   # additive mask
+    if op in (aten.mul.Tensor, aten.div.Tensor) and not boolean:
+        return 1.0
+    raise ConfigError(f"prefix tuning cannot extend the attention-score operand {operand.name} of {op}; load the "
+                      "model with attn_implementation='sdpa'.")
+
+
+def _same_size(a, b) -> bool:
+    return str(a) == str(b)
+
+
+def _eager_attention(node: fx.Node, ctx: PassContext, b: Builder) -> None:
+    """Prepend this layer's prefix keys/values around the eager pattern and widen every mask on the way."""
+    site = eager_attention(node)
+    layer = _layers(node.graph.owning_module, ctx)[node]
+    b.adapter = ctx.prompt[0]
+    query, key_t = site.scores.args[:2]
+    b.continue_after(site.scores.prev)
+    table = _prefix_table(ctx, b)
+    key = key_t.args[0]
+    key = b.call(aten.cat.default, [_prefix_states(b, table, 2 * layer, key, ctx), key], 2)
+    site.scores.args = (query, b.call(aten.transpose.int, key, *key_t.args[1:]))
+    keys = site.scores.meta["val"].shape[-1]
+    widened = {site.scores, *site.path}
+    for step in site.path:
+        for index, operand in enumerate(step.args):
+            if (isinstance(operand, fx.Node) and operand not in widened and operand.meta["val"].dim() > 0
+                    and not _same_size(operand.meta["val"].shape[-1], 1) and _same_size(operand.meta["val"].shape[-1], keys)):
+                b.continue_after(step.prev)
+                wide = _prepend_columns(b, operand, _visible_value(step.target, index, operand), ctx)
+                step.args = tuple(wide if i == index else a for i, a in enumerate(step.args))
+    probs, value = site.output.args[:2]
+    b.continue_after(site.output.prev)
+    value = b.call(aten.cat.default, [_prefix_states(b, table, 2 * layer + 1, value, ctx), value], 2)
+    site.output.args = (probs, value)
+
+
 RULES = (
     Rule("positions", _is_positions, _positions),
     Rule("attention", _is_attention, _attention),
+    Rule("eager_attention", _is_eager_attention, _eager_attention),
 )

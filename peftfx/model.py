@@ -15,7 +15,7 @@ from peftfx.passes import merge as merge_pass
 from .adapters import AdapterStore
 from .capture import Capture, Capturer
 from .combine import combine_site, combined_rank
-from .config import AdapterConfig, LoraConfig, as_peftfx_config
+from .config import AdapterConfig, as_peftfx_config
 from .errors import CheckpointError, ConfigError
 from .plan import AdapterPlan, commit_plan, existing_plan, make_plan, modules_to_save_paths
 from .prompt_config import PromptLearningConfig, fill_from_model

@@ -13,7 +13,6 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from peftfx.passes import inline_grad_regions, lora, modules_to_save, prefix, prompt
 from peftfx.passes.context import PassContext

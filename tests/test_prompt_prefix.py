@@ -215,10 +215,27 @@ def test_bad_prompt_configs_are_refused(load_model, tmp_path):
         peftfx.apply(load_model("llama"), peftfx.PromptTuningConfig(num_virtual_tokens=2))
 
 
-def test_prefix_without_a_matchable_attention_op_says_so(model_dirs):
-    eager = CONFIGS["llama"][0].from_pretrained(model_dirs["llama"], attn_implementation="eager").eval()
-    pm = peftfx.apply(eager, peftfx.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    with pytest.raises(peftfx.ConfigError, match="found 0 attention ops .*attn_implementation='sdpa'"):
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_prefix_matches_peft_under_eager_attention(name, model_dirs, tmp_path):
+    """attn_implementation='eager' has no attention op: the pass rewrites the softmax(q·kᵀ)·v pattern."""
+    def eager():
+        return CONFIGS[name][0].from_pretrained(model_dirs[name], attn_implementation="eager").eval()
+    ref = peft.get_peft_model(eager(), peft.PrefixTuningConfig(task_type=TASK[name], num_virtual_tokens=4))
+    perturb_trainable(ref, scale=1.0)
+    ref.eval().save_pretrained(str(tmp_path))
+    pm = peftfx.load(eager(), str(tmp_path))
+    assert not any("scaled_dot_product" in str(n.target) for n in pm.graph_module.graph.nodes)
+    stamped = [n for n in pm.graph_module.graph.nodes
+               if n.meta.get("peftfx", {}).get("pass") == "prefix.eager_attention"]
+    assert stamped
+    _assert_same(pm, ref, _kwargs(name))
+    _assert_same(pm, ref, _kwargs(name, b=1, s=1, labels=False))
+
+
+def test_prefix_refuses_a_layer_count_it_cannot_find(load_model):
+    pm = peftfx.apply(load_model("llama"),
+                      peftfx.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_layers=5))
+    with pytest.raises(peftfx.ConfigError, match="found 3 attention layers .*num_layers=5"):
         pm(**_kwargs("llama"))
 
 

@@ -22,4 +22,5 @@ class PassContext:
     row_index: Optional[fx.Node] = None  # the [batch] int64 input holding each row's index
     prompt: tuple = ()  # (prompt-learning adapter, the user's token input: "input_ids" | "inputs_embeds")
     training: bool = False
+    quant: Optional[torch.nn.Module] = None  # the QuantStore of a quantized base (passes/quantize.py)
     scratch: dict = field(default_factory=dict)  # per-variant facts a pass computes once

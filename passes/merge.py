@@ -6,12 +6,15 @@ delta as is, GPT-2 Conv1D's (in, out) weights take it transposed (PEFT's fan_in_
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from peftfx.adapters import AdapterStore, LoraSlot
 from peftfx.errors import PeftFxError
+from peftfx.quant_store import QuantStore
+
+from .quantize import warn_requantize
 
 NAME = "merge"
 
@@ -38,13 +41,15 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
-def merge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str], safe_merge: bool = False) -> None:
-    """Add each adapter's delta to its base weights. With safe_merge, check every result first."""
+def merge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str], safe_merge: bool = False,
+          quant: Optional[QuantStore] = None) -> None:
+    """Add each adapter's delta to its base weights. With safe_merge, check every result first.
+    A quantized weight (in `quant`) is dequantized, changed and requantized (with a warning)."""
     weights = _weights(model)
     updates = []
     for adapter in adapters:
         for slot in store.lora.get(adapter, {}).values():
-            weight = weights[slot.weight_path]
+            weight = _current(weights, quant, slot.weight_path)
             delta = delta_weight(store, adapter, slot)
             if safe_merge:
                 merged = weight.detach().to(delta.dtype) + delta
@@ -52,17 +57,44 @@ def merge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str], 
                     raise UnsafeMergeError(
                         f"merging adapter {adapter!r} into {slot.key!r} gives NaN/Inf; the adapter weights are "
                         "broken (check training), so no weight was changed.")
-            updates.append((weight, delta))
-    with torch.no_grad():
-        for weight, delta in updates:
-            weight.add_(delta.to(weight.dtype))
+            updates.append((slot.weight_path, weight, delta))
+    _apply_updates(updates, quant, "merging into")
 
 
-def unmerge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str]) -> None:
-    """Subtract what merge added (in reverse order, so mixed merges unwind exactly)."""
+def unmerge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str],
+            quant: Optional[QuantStore] = None) -> None:
+    """Subtract what merge added (in reverse order, so mixed merges unwind exactly; on a quantized base,
+    up to the rounding of requantizing)."""
     weights = _weights(model)
+    updates = []
+    for adapter in reversed(list(adapters)):
+        for slot in store.lora.get(adapter, {}).values():
+            updates.append((slot.weight_path, None, -delta_weight(store, adapter, slot)))
+    _apply_updates(updates, quant, "unmerging from", weights)
+
+
+def _current(weights: dict[str, torch.Tensor], quant: Optional[QuantStore], path: str) -> torch.Tensor:
+    """The weight as it is now: dequantized when it lives in the quant store."""
+    if quant is not None and path in quant.paths.values():
+        return quant.get(path).dequantize()
+    return weights[path]
+
+
+def _apply_updates(updates, quant: Optional[QuantStore], what: str,
+                   weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Add each delta in place; quantized weights are summed per path, then requantized once each."""
+    quantized: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for adapter in reversed(list(adapters)):
-            for slot in store.lora.get(adapter, {}).values():
-                weight = weights[slot.weight_path]
-                weight.sub_(delta_weight(store, adapter, slot).to(weight.dtype))
+        for path, weight, delta in updates:
+            if quant is not None and path in quant.paths.values():
+                base = quantized.get(path)
+                if base is None:
+                    base = quant.get(path).dequantize()
+                quantized[path] = base + delta.to(base.dtype)
+            else:
+                target = weight if weight is not None else weights[path]
+                target.add_(delta.to(target.dtype))
+    if quantized:
+        warn_requantize(what)
+        for path, merged in quantized.items():
+            quant.replace(path, quant.get(path).requantized(merged))

@@ -12,26 +12,42 @@ ExampleInputs = Union[dict[str, Any], tuple, None]
 
 def apply(model: torch.nn.Module, config: Any, adapter_name: str = DEFAULT_ADAPTER,
           example_inputs: ExampleInputs = None,
-          dynamic_axes: Optional[dict[str, dict[int, str]]] = None) -> PeftFxModel:
+          dynamic_axes: Optional[dict[str, dict[int, str]]] = None, quantization: Any = None) -> PeftFxModel:
     """Capture `model` and add an adapter described by `config` (a peftfx or peft config).
 
     transformers models need no example inputs; any other nn.Module needs `example_inputs` (a dict of
     keyword inputs or a tuple of positional ones). `dynamic_axes` ({input: {dim: name}}) overrides which
     dims are dynamic; by default dim 0 (and the sequence dim of HF token inputs) are.
+    `quantization` (a QuantConfig or transformers BitsAndBytesConfig) first stores the base linears in
+    bitsandbytes 4-bit or 8-bit form: QLoRA is `apply(model, LoraConfig(...), quantization=QuantConfig(...))`.
     """
     pm = PeftFxModel(model, example_inputs=example_inputs, dynamic_axes=dynamic_axes)
+    if quantization is not None:
+        pm.quantize(quantization)
     pm.add_adapter(adapter_name, config)
+    return pm
+
+
+def quantize(model: torch.nn.Module, config: Any, example_inputs: ExampleInputs = None,
+             dynamic_axes: Optional[dict[str, dict[int, str]]] = None) -> PeftFxModel:
+    """Capture `model` with its base linears in bitsandbytes 4-bit or 8-bit form and no adapter yet
+    (add some with `add_adapter`). `pm.quantization_report` holds the bytes before and after."""
+    pm = PeftFxModel(model, example_inputs=example_inputs, dynamic_axes=dynamic_axes)
+    pm.quantization_report = pm.quantize(config)
     return pm
 
 
 def load(model: torch.nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
          is_trainable: bool = False, subfolder: Optional[str] = None, revision: Optional[str] = None,
          example_inputs: ExampleInputs = None,
-         dynamic_axes: Optional[dict[str, dict[int, str]]] = None) -> PeftFxModel:
+         dynamic_axes: Optional[dict[str, dict[int, str]]] = None, quantization: Any = None) -> PeftFxModel:
     """Load an adapter saved by peftfx or HF PEFT (a folder or a hub repo id) onto `model`.
 
     As with `PeftModel.from_pretrained`, the adapter is frozen unless `is_trainable=True`.
+    `quantization` quantizes the base linears first, as in `apply`.
     """
     pm = PeftFxModel(model, example_inputs=example_inputs, dynamic_axes=dynamic_axes)
+    if quantization is not None:
+        pm.quantize(quantization)
     pm.load_adapter(model_id, adapter_name, is_trainable=is_trainable, subfolder=subfolder, revision=revision)
     return pm

@@ -158,24 +158,31 @@ class Capturer:
         # Clones: export merges inputs that alias one tensor (labels=input_ids), which would bake the alias in.
         example = {n: _grow(v, axes.get(n, {})).clone() if isinstance(v, torch.Tensor) else v
                    for n, v in kwargs.items()}
-        dims = {"batch": Dim("batch", min=1, max=MAX_BATCH), "seq": Dim("seq", min=1, max=self._max_seq())}
-        named_dims = {n: ({a: dims.get(d) or Dim(d) for a, d in axes[n].items()} if n in axes else None)
-                      for n in kwargs}
-        auto_dims = {n: ({a: Dim.AUTO for a in ax} if ax is not None else None) for n, ax in named_dims.items()}
-        errors = []
-        for dynamic_shapes in (named_dims, auto_dims):
-            try:
-                with _mode(self.model, training), _keyword_forward(self.model, list(example)):
-                    program = torch.export.export(self.model, (), example, dynamic_shapes=dynamic_shapes,
-                                                  strict=False)
-                break
-            except Exception as exc:  # torch raises many types; we retry once with AUTO dims
-                errors.append(exc)
-        else:
-            raise CaptureError(
-                f"torch.export could not capture {type(self.model).__name__} with inputs "
-                f"{sorted(kwargs)}: {errors[-1]}") from errors[-1]
+        with _mode(self.model, training):
+            program = export_dynamic(self.model, example, axes, self._max_seq())
         return Capture(signature, program, _dim_ranges(program, example))
+
+
+def export_dynamic(module: torch.nn.Module, example: dict[str, Any], axes: dict[str, dict[int, str]],
+                   max_seq: int) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) with the named dims `axes` ("batch", "seq", ...) dynamic.
+
+    Named Dims first; if export rejects them (a model bounds or guards a size, as BERT does its sequence
+    length), once more with Dim.AUTO on the same axes, which adopts the bounds the model proves."""
+    dims = {"batch": Dim("batch", min=1, max=MAX_BATCH), "seq": Dim("seq", min=1, max=max_seq)}
+    named_dims = {n: ({a: dims.get(d) or Dim(d) for a, d in axes[n].items()} if n in axes else None)
+                  for n in example}
+    auto_dims = {n: ({a: Dim.AUTO for a in ax} if ax is not None else None) for n, ax in named_dims.items()}
+    errors = []
+    for dynamic_shapes in (named_dims, auto_dims):
+        try:
+            with _keyword_forward(module, list(example)):
+                return torch.export.export(module, (), example, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # torch raises many types; we retry once with AUTO dims
+            errors.append(exc)
+    raise CaptureError(
+        f"torch.export could not capture {type(module).__name__} with inputs {sorted(example)}: "
+        f"{errors[-1]}") from errors[-1]
 
 
 def _grow(value: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:

@@ -135,10 +135,10 @@ def save_adapters(pm: "PeftFxModel", directory: str, selected: Optional[Iterable
         folder = directory if name == "default" else os.path.join(directory, name)
         os.makedirs(folder, exist_ok=True)
         tensors = _adapter_tensors(pm, name)
-        _atomic_write(os.path.join(folder, SAFETENSORS_NAME),
+        atomic_write(os.path.join(folder, SAFETENSORS_NAME),
                       lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
         config = _config_for_saving(pm, pm.adapters.configs[name])
-        _atomic_write(os.path.join(folder, CONFIG_NAME),
+        atomic_write(os.path.join(folder, CONFIG_NAME),
                       lambda tmp, c=config: _write_text(tmp, json.dumps(c, indent=2, sort_keys=True)))
 
 
@@ -173,7 +173,7 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))

@@ -17,6 +17,7 @@ from .capture import Capture, Capturer
 from .combine import combine_site, combined_rank
 from .config import AdapterConfig, as_peftfx_config
 from .errors import CheckpointError, ConfigError
+from .bnb_capture import adopt_bnb_modules, to_bnb_modules
 from .plan import AdapterPlan, commit_plan, existing_plan, make_plan, modules_to_save_paths
 from .prompt_config import PromptLearningConfig, fill_from_model
 from .state import BASE_ROW, VariantCache, VariantSpec
@@ -41,6 +42,8 @@ class PeftFxModel(nn.Module):
         self._disabled = False
         self._last_capture: Optional[Capture] = None
         self.training = model.training
+        self.quant = adopt_bnb_modules(model)  # a QuantStore when the model holds bitsandbytes layers
+        self._variants.quant = self.quant
         forward_signature = inspect.signature(model.forward)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -250,6 +253,23 @@ class PeftFxModel(nn.Module):
                 if ab is not None:
                     a.copy_(ab[0]), b.copy_(ab[1])
 
+    # -- quantization ---------------------------------------------------------------------------------
+
+    def quantize(self, config: Any) -> Any:
+        """Store the base linears (all but the output head, by default) in bitsandbytes 4-bit or 8-bit
+        form (a QuantConfig or a transformers BitsAndBytesConfig); their full-precision weights are freed.
+        Returns a report with the bytes of those weights before and after."""
+        from peftfx.passes.quantize import quantize_model
+        if self.quant is not None:
+            raise ConfigError("the base model is quantized already.")
+        if self._merged:
+            raise ConfigError(f"adapters {self._merged} are merged; unmerge_adapter() before quantizing.")
+        keep = tuple(p for saved in self.adapters.saved.values() for p in saved)
+        store, report = quantize_model(self._reference_capture().fresh_module(), self.base_model, config, keep)
+        self.quant = self._variants.quant = store
+        self._variants.clear()
+        return report
+
     # -- merging --------------------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
@@ -261,27 +281,58 @@ class PeftFxModel(nn.Module):
         todo = [n for n in names if n not in self._merged]
         if len(todo) < len(names):
             warnings.warn(f"already merged: {[n for n in names if n in self._merged]}", stacklevel=2)
-        merge_pass.merge(self.base_model, self.adapters, todo, safe_merge=safe_merge)
+        merge_pass.merge(self.base_model, self.adapters, todo, safe_merge=safe_merge, quant=self.quant)
         self._merged += todo
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter again (the base weights return up to fp32 rounding)."""
-        merge_pass.unmerge(self.base_model, self.adapters, self._merged)
+        merge_pass.unmerge(self.base_model, self.adapters, self._merged, quant=self.quant)
         self._merged = []
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None,
+                         dequantize: bool = False) -> nn.Module:
         """Merge and hand back the user's own model, with the active adapters' saved modules copied in.
-        It needs no peftfx to run or to save (transformers' save_pretrained writes a plain checkpoint)."""
+        It needs no peftfx to run or to save (transformers' save_pretrained writes a plain checkpoint).
+        On a quantized base the model comes back with bitsandbytes layers holding the requantized merged
+        weights, or, with `dequantize=True`, in full precision (merged exactly, no requantization)."""
         names = list(adapter_names) if adapter_names is not None else list(self._active)
+        if dequantize:
+            self._dequantize_base()
         self.merge_adapter([n for n in names if n not in self._merged], safe_merge=safe_merge)
-        return self._unload_saved_modules()
+        return self._hand_back(self._unload_saved_modules())
 
     def unload(self) -> nn.Module:
         """The user's model without any adapter. Unlike PEFT's unload, merged adapters are unmerged
-        first, so the weights handed back are the original ones (docs/migration.md)."""
+        first, so the weights handed back are the original ones (docs/migration.md). A quantized base
+        comes back with bitsandbytes layers."""
         if self._merged:
             self.unmerge_adapter()
-        return self.base_model
+        return self._hand_back(self.base_model)
+
+    def _dequantize_base(self) -> None:
+        """Full-precision weights back into the model; merged adapters are unmerged first and merged again
+        in full precision."""
+        if self.quant is None:
+            return
+        from peftfx.passes.quantize import dequantize_into_model
+        merged = list(self._merged)
+        if merged:
+            self.unmerge_adapter()
+        dequantize_into_model(self.base_model, self.quant)
+        self.quant = self._variants.quant = None
+        self._variants.clear()
+        if merged:
+            self.merge_adapter(merged)
+
+    def _hand_back(self, model: nn.Module) -> nn.Module:
+        """The user's model; hollow quantized weights become bitsandbytes layers (runnable without peftfx)."""
+        if self.quant is not None:
+            to_bnb_modules(model, self.quant)
+            self.quant = self._variants.quant = None
+            self._variants.clear()
+            self._capturer.clear()
+            self._last_capture = None
+        return model
 
     def _unload_saved_modules(self) -> nn.Module:
         with torch.no_grad():

@@ -14,12 +14,13 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import fx
 
-from peftfx.passes import inline_grad_regions, lora, modules_to_save, prefix, prompt
+from peftfx.passes import inline_grad_regions, lora, modules_to_save, prefix, prompt, quantize
 from peftfx.passes.context import PassContext
 
 from .adapters import MOUNT, AdapterStore
 from .capture import Capture
 from .graph_inputs import add_keyword_input
+from .quant_store import QUANT_MOUNT
 from .rewrite import run_pass
 from .select import annotate
 from .slots import SLOTS, SlotBank
@@ -27,7 +28,8 @@ from .slots import SLOTS, SlotBank
 # Order matters: modules_to_save retargets base reads before LoRA reads the (possibly copied) inputs.
 # Every variant, the base one included, gets its no-grad regions inlined (one compiled graph, no break).
 # prompt/prefix rewrite the graph's inputs and attention before any weight-level pass.
-PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora)
+# quantize runs last: it swaps the base linear under LoRA's added path (and finds nothing without a quant store).
+PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora, quantize)
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 
 
@@ -48,9 +50,12 @@ class VariantSpec:
 
 
 def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
-                  bind: tuple[str, ...]) -> fx.GraphModule:
-    """A fresh graph from the capture, rewritten by the pipeline; its slot bank bound to `bind`."""
+                  bind: tuple[str, ...], quant: Optional[torch.nn.Module] = None) -> fx.GraphModule:
+    """A fresh graph from the capture, rewritten by the pipeline; its slot bank bound to `bind`.
+    With a quant store (a quantized base), every variant mounts it, the base variant included."""
     gm = capture.fresh_module()
+    if quant is not None:
+        gm.add_module(QUANT_MOUNT, quant)
     if not spec.is_base:
         gm.add_module(MOUNT, store)
         annotate(gm, model)
@@ -60,7 +65,7 @@ def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore,
         gm.add_module(SLOTS, bank)
     row_index: Optional[fx.Node] = add_keyword_input(gm, spec.row_input) if spec.mixed else None
     ctx = PassContext(model=model, store=store, lora=bind, saved=spec.saved, mixed=spec.mixed,
-                      row_index=row_index, prompt=spec.prompt, training=spec.training)
+                      row_index=row_index, prompt=spec.prompt, training=spec.training, quant=quant)
     for p in PIPELINE:
         run_pass(gm, p.RULES, ctx, p.NAME)
     gm.recompile()
@@ -77,6 +82,7 @@ class VariantCache:
     def __init__(self) -> None:
         self._variants: dict[tuple, tuple[fx.GraphModule, Callable]] = {}
         self.compile_options: Optional[dict[str, Any]] = None
+        self.quant: Optional[torch.nn.Module] = None  # the model's QuantStore, mounted in every variant
 
     def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
             bind: tuple[str, ...] = ()) -> tuple[fx.GraphModule, Callable]:
@@ -86,7 +92,7 @@ class VariantCache:
         entry = self._variants.get(key)
         if entry is None:
             self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, store.version)}
-            gm = build_variant(capture, model, store, spec, bind)
+            gm = build_variant(capture, model, store, spec, bind, self.quant)
             run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else gm
             entry = self._variants[key] = (gm, run)
         elif spec.lora:

@@ -1,6 +1,10 @@
 """The `peftfx` command line.
 
     peftfx demo [--steps N] [--out DIR]   LoRA on a tiny built-in Llama: train, save, reload, show the graph
+    peftfx viz MODEL (--adapter DIR | --config JSON) -o FILE [--random-init] [--diff] [--depth N]
+                                          draw the adapted graph (.svg .png .pdf .dot .html)
+    peftfx export MODEL --adapter DIR -o FILE.pt2 [--unmerged] [--aoti] [--random-init]
+                                          write a .pt2 artifact that runs without peftfx
     peftfx version                        versions of peftfx, torch and transformers
 
 Also runs as `python -m peftfx.tools.cli ...`.
@@ -35,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                       help=f"folder for the adapter and graph.py (default ./{DEFAULT_OUT})")
     demo.set_defaults(func=_demo)
+
+    from .viz_cli import add_parser as add_viz_parser
+    add_viz_parser(commands)
+    from .export_cli import add_parser as add_export_parser
+    add_export_parser(commands)
 
     version = commands.add_parser("version", help="print the versions of peftfx, torch and transformers")
     version.set_defaults(func=_version)

@@ -4,8 +4,9 @@
 
 Steps: build a tiny LlamaForCausalLM from a LlamaConfig, make a toy dataset (a repeating token
 cycle, so the loss visibly drops), apply LoRA to q_proj/v_proj, train with AdamW, save the adapter,
-load it onto a fresh copy of the base model and check the logits are equal, count the nodes the LoRA
-pass inserted, and write the rewritten graph's code to DIR/graph.py.
+load it onto a fresh copy of the base model and check the logits are equal, write the rewritten
+graph's code to DIR/graph.py and draw it (DIR/graph.svg and DIR/graph.html; DIR/graph.dot when
+graphviz is not installed), export a merged .pt2 artifact and check it, then merge and unload.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ DEFAULT_STEPS = 30
 DEFAULT_OUT = "peftfx-demo-out"
 GRAPH_FILE = "graph.py"
 LOGITS_ATOL = 1e-5  # the design's bar for "same math" in fp32; a reload is expected to be exact
-MISSING_FEATURES = "export/draw: coming in issues #6, #7"
+ARTIFACT_FILE = "model.pt2"
 
 # The toy task: every sequence walks the cycle 10, 11, ..., 17, 10, ... from a different start.
 CYCLE_START, CYCLE_LEN = 10, 8
@@ -44,6 +45,9 @@ class DemoResult:
     lora_nodes: int
     adapted_sites: list[str]
     graph_path: str
+    drawings: list[str]
+    artifact_path: str
+    artifact_max_abs_diff: float
     seconds: float
 
 
@@ -82,15 +86,15 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
         raise DemoError(f"--steps must be at least 1, got {steps}.")
     start = time.perf_counter()
 
-    log("[1/9] building a tiny LlamaForCausalLM from a LlamaConfig (hidden 64, 2 layers, vocab 256)")
+    log("[1/10] building a tiny LlamaForCausalLM from a LlamaConfig (hidden 64, 2 layers, vocab 256)")
     model = tiny_llama(seed)
     fresh_base = copy.deepcopy(model)  # untouched copy for the reload check
 
     data = toy_dataset()
-    log(f"[2/9] toy dataset: {data.shape[0]} sequences of {data.shape[1]} tokens cycling through "
+    log(f"[2/10] toy dataset: {data.shape[0]} sequences of {data.shape[1]} tokens cycling through "
         f"{CYCLE_START}..{CYCLE_START + CYCLE_LEN - 1}, e.g. {data[0, :10].tolist()} ...")
 
-    log("[3/9] peftfx.apply(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))"
+    log("[3/10] peftfx.apply(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))"
         " - captures the model with torch.export and adds the adapter")
     config = peftfx.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     pm = peftfx.apply(model, config)
@@ -99,7 +103,7 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
     pm.print_trainable_parameters()
     trainable, total = pm.get_nb_trainable_parameters()
 
-    log(f"[4/9] training {steps} step(s) with AdamW (lr={lr}, batch {BATCH})")
+    log(f"[4/10] training {steps} step(s) with AdamW (lr={lr}, batch {BATCH})")
     optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     pm.train()
     losses = []
@@ -123,13 +127,13 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
             base_logits = pm(input_ids=probe, attention_mask=mask).logits
     adapter_effect = (logits - base_logits).abs().max().item()
 
-    log(f"[5/9] pm.save_pretrained({out!r})")
+    log(f"[5/10] pm.save_pretrained({out!r})")
     pm.save_pretrained(out)
     files = sorted(os.listdir(out))
     for name in files:
         log(f"      {os.path.join(out, name)}  ({os.path.getsize(os.path.join(out, name)):,d} bytes)")
 
-    log("[6/9] peftfx.load(fresh copy of the base model, out) and comparing logits")
+    log("[6/10] peftfx.load(fresh copy of the base model, out) and comparing logits")
     reloaded = peftfx.load(fresh_base, out)
     reloaded.eval()
     with torch.no_grad():
@@ -142,7 +146,7 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
 
     gm = pm.graph_module
     lora_nodes = count_lora_nodes(gm)
-    log(f"[7/9] the LoRA pass inserted {lora_nodes} nodes into the graph "
+    log(f"[7/10] the LoRA pass inserted {lora_nodes} nodes into the graph "
         f"({len(sites)} sites; the graph has {len(gm.graph.nodes)} nodes in all)")
     graph_path = os.path.join(out, GRAPH_FILE)
     with open(graph_path, "w", encoding="utf-8") as f:
@@ -151,7 +155,20 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
         f.write(gm.code)
     log(f"      wrote the rewritten graph's code (pm.graph_module.code) to {graph_path}")
 
-    log("[8/9] pm.merge_adapter(): folding scaling * B @ A into the base weights")
+    drawings = draw(pm, out, log)
+
+    log(f"[9/10] peftfx.export(pm, {os.path.join(out, ARTIFACT_FILE)!r}): the merged graph as a torch.export "
+        "artifact that runs without peftfx")
+    artifact = peftfx.export(pm, os.path.join(out, ARTIFACT_FILE))
+    with torch.no_grad():
+        exported_logits = torch.export.load(artifact).module()(input_ids=probe, attention_mask=mask)["logits"]
+    artifact_diff = (exported_logits - logits).abs().max().item()
+    if artifact_diff > LOGITS_ATOL:
+        raise DemoError(f"the exported artifact gives different logits (max |diff| = {artifact_diff:.3g}).")
+    log(f"      wrote {artifact} ({os.path.getsize(artifact):,d} bytes); torch.export.load(...).module() "
+        f"gives the same logits (max |diff| = {artifact_diff:.3g})")
+
+    log("[10/10] pm.merge_adapter(): folding scaling * B @ A into the base weights")
     with torch.no_grad():
         pm.merge_adapter()
         merged_logits = pm(input_ids=probe, attention_mask=mask).logits
@@ -165,8 +182,23 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
     plain.save_pretrained(merged_dir)
     log(f"      merge_and_unload() -> {type(plain).__name__}, saved with transformers to {merged_dir}")
 
-    log(f"[9/9] {MISSING_FEATURES}")
     seconds = time.perf_counter() - start
     log(f"done in {seconds:.1f} s")
     return DemoResult(losses[0], losses[-1], trainable, total, files, diff, adapter_effect, lora_nodes, sites,
-                      graph_path, seconds)
+                      graph_path, drawings, artifact, artifact_diff, seconds)
+
+
+def draw(pm, out: str, log: Callable[[str], None]) -> list[str]:
+    """graph.svg and graph.html with the visualizer; graph.dot alone when graphviz's dot is missing."""
+    import peftfx
+    from peftfx.tools.viz_dot import GraphvizNotFoundError
+
+    log("[8/10] peftfx.visualize(pm, ...): drawing where the adapter went (layers folded, LoRA coloured)")
+    try:
+        paths = [peftfx.visualize(pm, os.path.join(out, name)) for name in ("graph.svg", "graph.html")]
+    except GraphvizNotFoundError as exc:
+        log(f"      {exc}")
+        paths = [peftfx.visualize(pm, os.path.join(out, "graph.dot"))]
+    for path in paths:
+        log(f"      wrote {path}")
+    return paths

@@ -29,8 +29,10 @@ class UnsafeMergeError(PeftFxError, ValueError):
     """safe_merge found NaN or Inf in a merged weight; nothing was changed."""
 
 
+@torch.no_grad()
 def delta_weight(store: AdapterStore, adapter: str, slot: LoraSlot) -> torch.Tensor:
-    """The adapter's update in the base weight's layout and dtype (computed in fp32 when it is lower)."""
+    """The adapter's update in the base weight's layout and dtype (computed in fp32 when it is lower).
+    A constant: folding records no autograd history even when the adapter is trainable."""
     a, b = store.lora_weights(adapter, slot.key)
     compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
     delta = (b.to(compute) @ a.to(compute)) * slot.scaling

@@ -49,6 +49,14 @@ class AdapterStore(nn.Module):
         self.kinds: dict[str, str] = {}  # adapter -> peft_type ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
         self.version = 0  # bumped on every structural change; variant caches key on it
         self._layouts: dict[tuple, tuple] = {}
+        self._sites: dict[str, dict[str, tuple]] = {}  # adapter -> key -> (A, B, scaling), for this version
+        self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters, for this version
+        self._sites_version = -1
+
+    def _apply(self, fn, recurse=True):
+        # .to() replaces buffers (the scaling tensors): forget the cached tensor tables
+        self._sites_version = -1
+        return super()._apply(fn, recurse)
 
     # -- tree helpers ------------------------------------------------------------------------------
 
@@ -99,13 +107,32 @@ class AdapterStore(nn.Module):
                 for s in self.lora.get(adapter, {}).values())
         return self._layouts[cache_key]
 
+    def _check_tables(self) -> None:
+        if self._sites_version != self.version:
+            self._sites.clear()
+            self._params.clear()
+            self._sites_version = self.version
+
+    def site_tensors(self, adapter: str) -> dict[str, tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        """key -> (A, B, scaling) of an adapter. Looked up in the module tree once per store version:
+        set_adapter and slot binding run on every switch and must not walk the tree each time."""
+        self._check_tables()
+        if adapter not in self._sites:
+            table = {}
+            for key in self.lora.get(adapter, {}):
+                holder = self.node(key)
+                table[key] = (holder.lora_A[adapter].weight, holder.lora_B[adapter].weight,
+                              holder._buffers[f"lora_scaling_{adapter}"])
+            self._sites[adapter] = table
+        return self._sites[adapter]
+
     def scaling_tensor(self, adapter: str, key: str) -> torch.Tensor:
         """The scaling as a 0-d tensor (a graph input, so adapters differing only in alpha share graphs)."""
-        return self.node(key)._buffers[f"lora_scaling_{adapter}"]
+        return self.site_tensors(adapter)[key][2]
 
     def lora_weights(self, adapter: str, key: str) -> tuple[nn.Parameter, nn.Parameter]:
-        holder = self.node(key)
-        return holder.lora_A[adapter].weight, holder.lora_B[adapter].weight
+        a, b, _ = self.site_tensors(adapter)[key]
+        return a, b
 
     # -- modules_to_save -------------------------------------------------------------------------------
 
@@ -172,8 +199,12 @@ class AdapterStore(nn.Module):
         self.version += 1
 
     def set_trainable(self, adapter: str, trainable: bool) -> None:
-        for _, p in self.adapter_parameters(adapter):
-            p.requires_grad_(trainable)
+        self._check_tables()
+        if adapter not in self._params:
+            self._params[adapter] = [p for _, p in self.adapter_parameters(adapter)]
+        for p in self._params[adapter]:
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
 
 
 def _init_lora(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:

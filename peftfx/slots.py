@@ -26,6 +26,7 @@ class SlotBank(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.bound: Optional[tuple[str, ...]] = None
+        self._holders: dict[tuple[int, str], nn.Module] = {}  # (position, site key) -> holder module
 
     def _holder(self, path: str) -> nn.Module:
         module: nn.Module = self
@@ -41,10 +42,11 @@ class SlotBank(nn.Module):
         if self.bound == adapters:
             return
         for position, adapter in enumerate(adapters):
-            for key, slot in store.lora[adapter].items():
-                holder = self._holder(f"p{position}.{key}")
-                a, b = store.lora_weights(adapter, key)
+            for key, (a, b, scaling) in store.site_tensors(adapter).items():
+                holder = self._holders.get((position, key))
+                if holder is None:
+                    holder = self._holders[(position, key)] = self._holder(f"p{position}.{key}")
                 holder._parameters["A"] = a
                 holder._parameters["B"] = b
-                holder._buffers["scaling"] = store.scaling_tensor(adapter, key)
+                holder._buffers["scaling"] = scaling
         self.bound = adapters

@@ -3,7 +3,8 @@
 Run from the repository root:
 
     python -m tools.bench                 # default sizes (a few minutes on 2 cores)
-    python -m tools.bench --quick         # tiny smoke test (well under a minute)
+    python -m tools.bench --no-compile    # without the torch.compile section (the slow one)
+    python -m tools.bench --quick         # tiny smoke test (about a minute)
     python tools/bench.py --json out.json # same, and write every sample as JSON
 
 Both sides run in one process on deep copies of the same base model (PEFT mutates the model it
@@ -11,6 +12,13 @@ wraps) with the same LoRA config. Timings are medians of interleaved repeats (pe
 PEFT, ...) after warm-up, measured with time.perf_counter. Peak memory is measured separately: each
 side runs its train steps in a fresh `multiprocessing` spawn child, which reports its peak resident
 set size (VmHWM from /proc/self/status, or ru_maxrss where that is missing).
+
+Then three more adapters of the same config are added on both sides, and the state operations are timed
+the same way: set_adapter, merge + unmerge (with the weight error left behind), forward with the adapter
+merged (against the plain model), and a mixed batch of four adapters (against a one-adapter batch).
+Last, a smaller model pair runs under torch.compile: the first call after switching adapters, with the
+graphs compiled on each side counted. Every state timed is checked to compute the same logits on both
+sides (the `check` lines; `check.passed` in the JSON).
 """
 from __future__ import annotations
 
@@ -207,11 +215,13 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         proc.start()
     results: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + args.mem_timeout
-    while len(results) < len(SIDES):
+    while len(results) < len(SIDES) and time.monotonic() < deadline:
         try:
-            got = queue.get(timeout=max(1.0, deadline - time.monotonic()))
-        except Exception:
-            break
+            got = queue.get(timeout=2.0)
+        except Exception:  # queue.Empty: stop once every child is gone without a result (a crash)
+            if all(proc.exitcode is not None for proc in procs):
+                break
+            continue
         results[got["side"]] = got
     for side, proc in zip(SIDES, procs):
         results.setdefault(side, {"side": side, "error": f"no result within {args.mem_timeout:g} s "
@@ -227,10 +237,11 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 # sanity check: the two sides compute the same function
 
 
-def copy_peft_lora_into_peftfx(pm: torch.nn.Module, pp: torch.nn.Module, seed: int) -> int:
-    """Give PEFT's adapter non-zero B (so the adapter changes outputs), then copy every LoRA weight
-    into peftfx's store. PEFT names: base_model.model.<site>.lora_X.default.weight; peftfx's store
-    uses <site>.lora_X.default.weight."""
+def copy_peft_lora_into_peftfx(pm: torch.nn.Module, pp: torch.nn.Module, seed: int,
+                               randomize: Optional[set[str]] = None) -> int:
+    """Give PEFT's adapters non-zero B (so they change outputs; `randomize`: which adapters, default
+    all), then copy every LoRA weight into peftfx's store. PEFT names:
+    base_model.model.<site>.lora_X.<adapter>.weight; peftfx's store uses <site>.lora_X.<adapter>.weight."""
     g = torch.Generator().manual_seed(seed + 2)
     store = dict(pm.adapters.named_parameters())
     copied = 0
@@ -238,7 +249,7 @@ def copy_peft_lora_into_peftfx(pm: torch.nn.Module, pp: torch.nn.Module, seed: i
         for name, p in pp.named_parameters():
             if "lora_" not in name:
                 continue
-            if ".lora_B." in name:
+            if ".lora_B." in name and (randomize is None or name.split(".lora_B.")[1].split(".")[0] in randomize):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             key = name[len("base_model.model."):]
             store[key].copy_(p)
@@ -246,6 +257,284 @@ def copy_peft_lora_into_peftfx(pm: torch.nn.Module, pp: torch.nn.Module, seed: i
     if copied != len(store):
         raise RuntimeError(f"copied {copied} LoRA tensors from PEFT, peftfx has {len(store)}")
     return copied
+
+
+def add_same_adapters(pm: torch.nn.Module, pp: torch.nn.Module, names: list[str], args: argparse.Namespace) -> None:
+    """Add adapters of the bench's LoRA config on both sides (inactive, as in PEFT), with equal non-zero weights."""
+    import peft
+    import peftfx
+    for name in names:
+        pm.add_adapter(name, peftfx.LoraConfig(**lora_fields(args)))
+        pp.add_adapter(name, peft.LoraConfig(**lora_fields(args)))
+    copy_peft_lora_into_peftfx(pm, pp, args.seed + 10, randomize=set(names))
+    # PEFT makes a new adapter's dropout modules in training mode even inside an eval model, so an eval
+    # model with a new adapter would run dropout on it: put both sides back in the mode they were in.
+    for m in (pm, pp):
+        m.train(m.training)
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+# --------------------------------------------------------------------------------------------------
+# many adapters: switching, merging, mixed batches (the eager model pair of the main sections)
+
+ADAPTERS = ("default", "b", "c", "d")  # "default" is the one apply made; b, c, d share its config (one layout)
+
+
+def no_grad_call(model: Callable[..., Any], inputs: dict[str, Any], **extra: Any) -> Callable[[], Any]:
+    def run():
+        with torch.no_grad():
+            return model(**inputs, **extra)
+    return run
+
+
+def looped(fn: Callable[[], Any], n: int) -> Callable[[], Any]:
+    """n calls per timed sample, for operations of a few milliseconds or less (divide the samples by n)."""
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the non-LoRA parameters, by name (PEFT's wrapped layers renamed to the plain names)."""
+    return {n.replace("base_model.model.", "").replace(".base_layer.", "."): p.detach().clone()
+            for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
+
+
+def max_weight_error(model: torch.nn.Module, w0: dict[str, torch.Tensor]) -> float:
+    now = base_weights(model)
+    return max(float((now[n] - w).abs().max()) for n, w in w0.items())
+
+
+def bench_switch(pm: Any, pp: Any, inputs: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
+    """set_adapter default -> b -> default, both adapters loaded on each side.
+
+    peftfx's set_adapter only records the choice (and requires_grad); the variant lookup and the slot
+    bank's re-binding to the chosen adapter's tensors happen at the next call. So the headline figure
+    also does that lookup after each switch (`pm.graph_module` runs the same `_variant` lookup and bind
+    a call does), which is the whole cost of switching; the bare set_adapter is reported too.
+    PEFT's set_adapter does all its work (walking every LoRA layer) at once."""
+    no_grad_call(pm, inputs)()  # the last call's capture (eval) is the one graph_module looks up
+
+    def fx_bound():
+        pm.set_adapter("b")
+        pm.graph_module  # noqa: B018 - the lookup + bind of the next call
+        pm.set_adapter("default")
+        pm.graph_module  # noqa: B018
+
+    def fx_bare():
+        pm.set_adapter("b")
+        pm.set_adapter("default")
+
+    def pf():
+        pp.set_adapter("b")
+        pp.set_adapter("default")
+
+    gc.collect()
+    cold = {"peftfx": timed(fx_bound), "peft": timed(pf)}  # b has never been bound / activated before
+    n = args.switch_inner
+    raw = interleaved({"peftfx": looped(fx_bound, n), "peftfx_bare": looped(fx_bare, n), "peft": looped(pf, n)},
+                      args.warmup, args.repeats)
+    samples = {k: [x / n for x in v] for k, v in raw.items()}
+    assert pm.active_adapters == ["default"] and pp.active_adapters == ["default"]
+    with torch.no_grad():  # the switched-back state computes what PEFT's does
+        diff = max_abs_diff(pm(**inputs).logits, pp(**inputs).logits)
+    return {"cold": cold, "samples": samples, "logit_diff_after": diff}
+
+
+def bench_merge(pm: Any, pp: Any, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                args: argparse.Namespace) -> dict[str, Any]:
+    """merge_adapter() + unmerge_adapter() of the active adapter, then forwards with it merged."""
+    models = {"peftfx": pm, "peft": pp}
+    w0 = {s: base_weights(m) for s, m in models.items()}
+    with torch.no_grad():
+        unmerged = {s: m(**inputs).logits for s, m in models.items()}
+
+    def cycle(m: Any) -> Callable[[], None]:
+        def run():
+            m.merge_adapter()
+            m.unmerge_adapter()
+        return run
+
+    cycles = {s: cycle(m) for s, m in models.items()}
+    gc.collect()
+    cold = {s: timed(cycles[s]) for s in SIDES}
+    err_one = {s: max_weight_error(models[s], w0[s]) for s in SIDES}
+    samples = interleaved(cycles, args.warmup, args.repeats)
+    n_cycles = 1 + args.warmup + args.repeats
+    err_all = {s: max_weight_error(models[s], w0[s]) for s in SIDES}
+
+    for m in models.values():
+        m.merge_adapter()
+    with torch.no_grad():
+        merged = {s: m(**inputs).logits for s, m in models.items()}
+    fw = interleaved({"base": no_grad_call(base, inputs), "peftfx": no_grad_call(pm, inputs),
+                      "peft": no_grad_call(pp, inputs)}, args.warmup, args.fwd_repeats)
+    for m in models.values():
+        m.unmerge_adapter()
+    return {"cold": cold, "samples": samples, "err_one_cycle": err_one, "err_all_cycles": err_all,
+            "n_cycles": n_cycles, "fw": fw,
+            "merged_vs_unmerged": {s: max_abs_diff(merged[s], unmerged[s]) for s in SIDES},
+            "merged_fx_vs_peft": max_abs_diff(merged["peftfx"], merged["peft"])}
+
+
+def bench_mixed(pm: Any, pp: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One batch whose rows use adapters default, b, c, d (adapter_names=) vs the same batch with the
+    single active adapter; at least 4 rows, so every adapter has one."""
+    rows = max(args.batch, len(ADAPTERS))
+    inputs = make_inputs(argparse.Namespace(**{**vars(args), "batch": rows}))
+    names = [ADAPTERS[i % len(ADAPTERS)] for i in range(rows)]
+    for m in (pm, pp):
+        m.set_adapter("default")
+    gc.collect()
+    cold = {"peftfx": timed(no_grad_call(pm, inputs, adapter_names=names)),  # builds the mixed variant
+            "peft": timed(no_grad_call(pp, inputs, adapter_names=names))}
+    with torch.no_grad():
+        got = {"peftfx": pm(**inputs, adapter_names=names).logits, "peft": pp(**inputs, adapter_names=names).logits}
+        per_row = 0.0  # each mixed row against a plain call with that row's adapter active (peftfx)
+        for adapter in ADAPTERS:
+            pm.set_adapter(adapter)
+            alone = pm(**inputs).logits
+            idx = [i for i, n in enumerate(names) if n == adapter]
+            per_row = max(per_row, max_abs_diff(got["peftfx"][idx], alone[idx]))
+        pm.set_adapter("default")
+    fns = {"peftfx_single": no_grad_call(pm, inputs), "peftfx_mixed": no_grad_call(pm, inputs, adapter_names=names),
+           "peft_single": no_grad_call(pp, inputs), "peft_mixed": no_grad_call(pp, inputs, adapter_names=names)}
+    samples = interleaved(fns, args.warmup, args.fwd_repeats)
+    return {"rows": rows, "names": names, "cold": cold, "samples": samples,
+            "fx_vs_peft": max_abs_diff(got["peftfx"], got["peft"]), "fx_mixed_vs_single_rows": per_row}
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile: the first call after switching adapters (its own, smaller model pair)
+
+
+class FrameCounter:
+    """A torch.compile backend that counts the graphs Dynamo hands it, then compiles with `backend`."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.frames = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        from torch._dynamo.backends.registry import lookup_backend
+        self.frames += 1
+        return lookup_backend(self.backend)(gm, example_inputs)
+
+
+def bench_compile(args: argparse.Namespace) -> dict[str, Any]:
+    """peftfx `pm.compile()` vs `torch.compile(peft_model)`, default options each: the first call
+    (compiles), then the first call after switching to each of three new same-config adapters, and
+    back to the first one, counting the graphs compiled. Inductor's on-disk caches go to a fresh
+    folder, so every run compiles from scratch (only within-run cache hits count)."""
+    import tempfile
+
+    import torch._dynamo
+    import torch._dynamo.utils
+
+    import torch._inductor.config as inductor_config
+
+    previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    cache = tempfile.mkdtemp(prefix="peftfx-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    previous_threads, previous_workers = torch.get_num_threads(), inductor_config.compile_threads
+    # Compiled kernels take their thread count from torch at compile time. With every core in use, an
+    # OpenMP kernel stalls whenever another process holds one of the cores (0.65 s instead of 1 ms per
+    # call measured on the shared 2-core VM), so this section runs with --compile-threads (default 1).
+    torch.set_num_threads(args.compile_threads)
+    # Compile in this process: no worker pool whose processes can die and leave the benchmark waiting.
+    inductor_config.compile_threads = 1
+    torch._dynamo.reset()
+    try:
+        cargs = argparse.Namespace(**{**vars(args), "layers": args.compile_layers})
+        base = build_base(cargs)
+        inputs = make_inputs(cargs)
+        pm = apply_side("peftfx", copy.deepcopy(base), cargs)
+        pp = apply_side("peft", copy.deepcopy(base), cargs)
+        copy_peft_lora_into_peftfx(pm, pp, args.seed)
+        add_same_adapters(pm, pp, list(ADAPTERS[1:]), cargs)
+        pm.eval()
+        pp.eval()
+        with torch.no_grad():
+            eager = pp(**inputs).logits
+        # warm up the compiler itself (imports, worker pool), so neither side's first compile pays for it
+        torch.compile(lambda x: torch.relu(x @ x.T), backend=args.compile_backend)(torch.randn(8, 8))
+
+        counters = {s: FrameCounter(args.compile_backend) for s in SIDES}
+        pm.compile(backend=counters["peftfx"])
+        compiled_pp = torch.compile(pp, backend=counters["peft"])
+        calls = {"peftfx": no_grad_call(pm, inputs), "peft": no_grad_call(compiled_pp, inputs)}
+        switch = {"peftfx": pm.set_adapter, "peft": pp.set_adapter}
+
+        first = {}
+        for side in SIDES:
+            gc.collect()
+            first[side] = timed(calls[side])
+            for _ in range(2):  # the first calls after compiling can be slower still; not part of a switch
+                calls[side]()
+        frames_first = {s: counters[s].frames for s in SIDES}
+
+        switches: dict[str, list[float]] = {s: [] for s in SIDES}
+        switch_frames: dict[str, list[int]] = {s: [] for s in SIDES}
+        for i, adapter in enumerate(ADAPTERS[1:]):
+            for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
+                switch[side](adapter)
+                before = counters[side].frames
+                gc.collect()
+                switches[side].append(timed(calls[side]))
+                switch_frames[side].append(counters[side].frames - before)
+                calls[side]()
+        back: dict[str, float] = {}
+        back_frames: dict[str, int] = {}
+        for side in SIDES[::-1]:
+            switch[side]("default")
+            before = counters[side].frames
+            gc.collect()
+            back[side] = timed(calls[side])
+            back_frames[side] = counters[side].frames - before
+
+        with torch.no_grad():
+            logits = {s: calls[s]().logits for s in SIDES}
+        warm = interleaved(calls, args.warmup, args.fwd_repeats)
+
+        # peftfx: every same-layout switch again, now with recompiling made an error
+        probe_error = None
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for adapter in ("b", "default", "d", "c", "default"):
+                pm.set_adapter(adapter)
+                calls["peftfx"]()
+        except Exception as exc:  # reported, not raised: the table still prints
+            probe_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        pm.set_adapter("default")
+
+        reasons = []
+        for code_reasons in torch._dynamo.utils.guard_failures.values():
+            reasons.extend(str(r).splitlines()[0][:200] for r in code_reasons)
+        return {"layers": args.compile_layers, "backend": args.compile_backend, "threads": args.compile_threads,
+                "first": first,
+                "frames_first": frames_first, "switches": switches, "switch_frames": switch_frames,
+                "back": back, "back_frames": back_frames, "warm": warm,
+                "total_frames": {s: counters[s].frames for s in SIDES},
+                "peftfx_error_on_recompile_probe": probe_error or "ok",
+                "guard_failure_reasons": sorted(set(reasons))[:10],
+                "fx_vs_peft": max_abs_diff(logits["peftfx"], logits["peft"]),
+                "compiled_vs_eager": max_abs_diff(logits["peft"], eager)}
+    finally:
+        torch._dynamo.reset()
+        torch.set_num_threads(previous_threads)
+        inductor_config.compile_threads = previous_workers
+        if previous_cache is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_cache
+        import shutil
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +546,9 @@ def fmt_time(s: Optional[float]) -> str:
         return "n/a"
     if s >= 1:
         return f"{s:.2f} s"
-    return f"{s * 1e3:.1f} ms"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.1f} µs"
 
 
 def fmt_bytes(b: Optional[float]) -> str:
@@ -289,7 +580,116 @@ def time_row(metric: str, fx: list[float], pf: list[float], unit: str = "s") -> 
             "ratio_of_medians": mfx / mpf, "paired_ratio": paired,
             "peftfx_samples": fx, "peft_samples": pf,
             "peftfx_iqr": quartiles(fx), "peft_iqr": quartiles(pf),
-            "peftfx_text": fmt_time(mfx), "peft_text": fmt_time(mpf), "ratio_text": f"{paired:.2f}x"}
+            "peftfx_text": fmt_time(mfx), "peft_text": fmt_time(mpf), "ratio_text": fmt_ratio(paired)}
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.3f}x (PEFT / peftfx = {1 / x:.0f}x)"
+
+
+def cold_row(metric: str, fx: float, pf: float) -> dict[str, Any]:
+    """One sample per side (a first call)."""
+    return {"metric": metric, "unit": "s", "peftfx": fx, "peft": pf, "ratio": fx / pf,
+            "peftfx_text": fmt_time(fx), "peft_text": fmt_time(pf), "ratio_text": fmt_ratio(fx / pf)}
+
+
+def relative_row(metric: str, samples: dict[str, list[float]], sides: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Per side, the median over rounds of (time of one call / time of its reference call in the same round)."""
+    rel = {s: statistics.median(a / b for a, b in zip(samples[num], samples[den])) for s, (num, den) in sides.items()}
+    return {"metric": metric, "unit": "ratio", "peftfx": rel["peftfx"], "peft": rel["peft"], "ratio": None,
+            "peftfx_text": f"{rel['peftfx']:.3f}x", "peft_text": f"{rel['peft']:.3f}x", "ratio_text": ""}
+
+
+def value_row(metric: str, unit: str, fx: Any, pf: Any, fmt: Callable[[Any], str] = str) -> dict[str, Any]:
+    """A measured quantity that is not a time (a count, an error)."""
+    return {"metric": metric, "unit": unit, "peftfx": fx, "peft": pf, "ratio": None,
+            "peftfx_text": fmt(fx), "peft_text": fmt(pf), "ratio_text": "-"}
+
+
+def state_rows(sw: dict, mg: dict, mx: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
+    n, k = mg["n_cycles"], len(ADAPTERS)
+    s, m = sw["samples"], mx["samples"]
+    return [
+        cold_row("set_adapter default->b->default, first time (cold)", sw["cold"]["peftfx"], sw["cold"]["peft"]),
+        time_row("set_adapter default->b->default (+ peftfx's bind)", s["peftfx"], s["peft"]),
+        time_row("  bare set_adapter calls (peftfx binds at next call)", s["peftfx_bare"], s["peft"]),
+        cold_row("merge + unmerge, first call (cold)", mg["cold"]["peftfx"], mg["cold"]["peft"]),
+        time_row("merge_adapter + unmerge_adapter", mg["samples"]["peftfx"], mg["samples"]["peft"]),
+        value_row("  max |W - W0| after 1 merge + unmerge", "abs", mg["err_one_cycle"]["peftfx"],
+                  mg["err_one_cycle"]["peft"], lambda e: f"{e:.1e}"),
+        value_row(f"  max |W - W0| after {n} merge + unmerge", "abs", mg["err_all_cycles"]["peftfx"],
+                  mg["err_all_cycles"]["peft"], lambda e: f"{e:.1e}"),
+        time_row("eval forward, adapter merged", mg["fw"]["peftfx"], mg["fw"]["peft"]),
+        relative_row("  ... relative to plain base forward", mg["fw"],
+                     {"peftfx": ("peftfx", "base"), "peft": ("peft", "base")}),
+        cold_row(f"mixed batch of {k} adapters, first call (cold)", mx["cold"]["peftfx"], mx["cold"]["peft"]),
+        time_row(f"eval forward, 1 adapter, batch {mx['rows']}", m["peftfx_single"], m["peft_single"]),
+        time_row(f"eval forward, mixed {k} adapters, batch {mx['rows']}", m["peftfx_mixed"], m["peft_mixed"]),
+        relative_row("  ... mixed / single-adapter batch", m,
+                     {"peftfx": ("peftfx_mixed", "peftfx_single"), "peft": ("peft_mixed", "peft_single")}),
+    ]
+
+
+def compile_rows(cc: dict) -> list[dict[str, Any]]:
+    n = len(cc["switches"]["peftfx"])
+    tag = f"compiled ({cc['layers']}-layer model, {cc['threads']} thread{'s' if cc['threads'] > 1 else ''})"
+    return [
+        cold_row(f"{tag}: first call (compiles)", cc["first"]["peftfx"], cc["first"]["peft"]),
+        time_row(f"{tag}: first call after set_adapter(new), median of {n}", cc["switches"]["peftfx"],
+                 cc["switches"]["peft"]),
+        value_row(f"  graphs compiled by those {n} switches", "count", sum(cc["switch_frames"]["peftfx"]),
+                  sum(cc["switch_frames"]["peft"])),
+        cold_row(f"{tag}: first call after set_adapter(default)", cc["back"]["peftfx"], cc["back"]["peft"]),
+        value_row("  graphs compiled by that switch back", "count", cc["back_frames"]["peftfx"],
+                  cc["back_frames"]["peft"]),
+        time_row(f"{tag}: eval forward (warm)", cc["warm"]["peftfx"], cc["warm"]["peft"]),
+    ]
+
+
+def sanity_checks(max_diff: float, effect: float, sw: dict, mg: dict, mx: dict, cc: Optional[dict]) -> dict[str, Any]:
+    """Both sides compute the same function in every state that is timed (limits on max |delta logits|)."""
+    items = {
+        "the adapter changes the logits (so the checks below mean something)": (effect, 1e-2, effect > 1e-2),
+        "eager logits, peftfx vs PEFT": (max_diff, 1e-4, None),
+        "logits after the set_adapter round trips, peftfx vs PEFT": (sw["logit_diff_after"], 1e-4, None),
+        "merged logits, peftfx vs PEFT": (mg["merged_fx_vs_peft"], 1e-4, None),
+        "merged vs unmerged logits, peftfx": (mg["merged_vs_unmerged"]["peftfx"], 1e-3, None),
+        "max |W - W0| after all merge + unmerge cycles, peftfx": (mg["err_all_cycles"]["peftfx"], 1e-5, None),
+        "mixed-batch logits, peftfx vs PEFT": (mx["fx_vs_peft"], 1e-4, None),
+        "mixed-batch rows vs single-adapter calls, peftfx": (mx["fx_mixed_vs_single_rows"], 1e-4, None),
+    }
+    if cc is not None:
+        items["compiled logits, peftfx vs PEFT"] = (cc["fx_vs_peft"], 1e-3, None)
+        probe = cc["peftfx_error_on_recompile_probe"]
+        items["peftfx switches under error_on_recompile=True"] = (probe, None, probe == "ok")
+    out = {name: {"value": v, "limit": lim, "ok": bool(ok if ok is not None else v <= lim)}
+           for name, (v, lim, ok) in items.items()}
+    return {"passed": all(c["ok"] for c in out.values()), "items": out}
+
+
+def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict]) -> list[dict[str, Any]]:
+    """Issue #3's goals against this run's paired figures."""
+    speedup = 1 / statistics.median(a / b for a, b in zip(sw["samples"]["peftfx"], sw["samples"]["peft"]))
+    rel = {s: statistics.median(a / b for a, b in zip(mg["fw"][s], mg["fw"]["base"])) for s in SIDES}
+    mix = {s: statistics.median(a / b for a, b in zip(mx["samples"][f"{s}_mixed"], mx["samples"][f"{s}_single"]))
+           for s in SIDES}
+    goals = [
+        {"goal": "set_adapter", "value": speedup, "met": speedup >= 20,
+         "text": f"set_adapter (with bind) {speedup:.0f}x faster than PEFT's (goal >= 20x)"},
+        {"goal": "merged_forward", "value": rel["peftfx"], "met": rel["peftfx"] <= 1.02,
+         "text": f"merged forward {rel['peftfx']:.3f}x the plain base forward (goal <= 1.02x; PEFT {rel['peft']:.3f}x)"},
+        {"goal": "mixed_batch", "value": mix["peftfx"], "met": mix["peftfx"] <= 1.3,
+         "text": f"mixed 4-adapter batch {mix['peftfx']:.2f}x a single-adapter batch (goal <= 1.3x; "
+                 f"PEFT {mix['peft']:.2f}x, allowed 2x)"},
+    ]
+    if cc is not None:
+        fx, pf = sum(cc["switch_frames"]["peftfx"]), sum(cc["switch_frames"]["peft"])
+        goals.append({"goal": "no_recompile", "value": fx, "met": fx == 0 and cc["back_frames"]["peftfx"] == 0,
+                      "text": f"graphs compiled by same-layout switches under torch.compile: peftfx {fx}, PEFT {pf} "
+                              f"(goal: 0 for peftfx); first call after a switch "
+                              f"{fmt_time(statistics.median(cc['switches']['peftfx']))} vs "
+                              f"{fmt_time(statistics.median(cc['switches']['peft']))}"})
+    return goals
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +700,7 @@ RATIO_NOTE = ("ratios: for timed rows, the median over rounds of (peftfx time / 
               "same round); on a shared machine bursts of foreign load hit both sides of a round alike, so this "
               "is steadier than a ratio of medians (listed below the table). Cold rows: one sample each.")
 
-QUICK = dict(layers=1, hidden=64, intermediate=172, heads=4, vocab=512, batch=2, seq=16, repeats=3, fwd_repeats=3,
+QUICK = dict(compile_layers=1, compile_backend="aot_eager", switch_inner=10, layers=1, hidden=64, intermediate=172, heads=4, vocab=512, batch=2, seq=16, repeats=3, fwd_repeats=3,
              warmup=1, apply_repeats=1, mem_warmup=1, mem_steps=1)
 
 
@@ -326,9 +726,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--mem-steps", type=int, default=3, help="train steps measured in the memory child")
     p.add_argument("--mem-timeout", type=float, default=600)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--switch-inner", type=int, default=50,
+                   help="set_adapter round trips per timed sample (one takes a few milliseconds at most)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile section (the slow one)")
+    p.add_argument("--compile-layers", type=int, default=2,
+                   help="decoder layers of the (otherwise identical) model used for the torch.compile rows")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of both sides")
+    p.add_argument("--compile-threads", type=int, default=1,
+                   help="torch threads in the torch.compile section (see docs/benchmarks.md: why not all cores)")
     p.add_argument("--threads", type=int, default=default_threads())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, for a smoke test (< 60 s); flags given explicitly still win")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats and the aot_eager compile backend, for a smoke test (about a minute); "
+                        "flags given explicitly still win")
     p.add_argument("--json", metavar="PATH", help="also write the results (all samples) as JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -423,6 +832,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     pm.eval()
     pp.eval()
 
+    # -- many adapters: set_adapter, merge + unmerge, merged forward, mixed batches -----------------------
+    log(f"adding adapters {', '.join(ADAPTERS[1:])} (same config) on both sides")
+    add_same_adapters(pm, pp, list(ADAPTERS[1:]), args)
+    log("set_adapter default -> b -> default")
+    sw = bench_switch(pm, pp, inputs, args)
+    log("merge_adapter + unmerge_adapter, then eval forward with the adapter merged (plain model, peftfx, PEFT)")
+    mg = bench_merge(pm, pp, base, inputs, args)
+    log(f"mixed batch: adapter_names over {len(ADAPTERS)} adapters vs one active adapter")
+    mx = bench_mixed(pm, pp, args)
+
+    # -- torch.compile ---------------------------------------------------------------------------------
+    cc = None
+    if not args.no_compile:
+        log(f"torch.compile ({args.compile_backend}), {args.compile_layers}-layer model: first call, then the "
+            "first call after each switch (slow: compiles)")
+        cc = bench_compile(args)
+
     # -- memory ------------------------------------------------------------------------------------------
     mem = None
     if not args.no_memory:
@@ -457,6 +883,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                  "peftfx_text": fmt_time(first_step["peftfx"]), "peft_text": fmt_time(first_step["peft"]),
                  "ratio_text": ratio(first_step["peftfx"], first_step["peft"])})
     rows.append(time_row("train step (fwd+bwd+AdamW)", tr["peftfx"], tr["peft"]))
+    rows += state_rows(sw, mg, mx, args)
+    if cc is not None:
+        rows += compile_rows(cc)
     if mem is not None:
         def mem_row(metric: str, key: str) -> dict[str, Any]:
             vals = {s: mem[s].get(key) for s in SIDES}
@@ -495,8 +924,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(RATIO_NOTE)
     print(f"check: max |logits peftfx - PEFT| = {max_diff:.2e} with identical non-zero LoRA weights "
           f"(the adapter moves logits by up to {adapter_effect:.2e})")
+    checks = sanity_checks(max_diff, adapter_effect, sw, mg, mx, cc)
+    for name, c in checks["items"].items():
+        print(f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']:.2e} (limit {c['limit']:.0e})"
+              if isinstance(c["value"], float) else f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']}")
+    goals = goal_lines(sw, mg, mx, cc)
     print()
     print(table)
+    print()
+    print("goals (issue #3):")
+    for g in goals:
+        print(f"  [{'met' if g['met'] else 'MISSED'}] {g['text']}")
     print()
     print("spread of the timed rows: min [interquartile range] (peftfx | PEFT); ratio of the medians")
 
@@ -504,16 +942,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         lo, hi = r[f"{side}_iqr"]
         return f"{fmt_time(min(r[f'{side}_samples']))} [{fmt_time(lo)} - {fmt_time(hi)}]"
 
+    width = max(len(r["metric"].strip()) for r in rows if "peftfx_iqr" in r)
     for r in rows:
         if "peftfx_iqr" in r:
             other = spread("peft", r) if "peft_iqr" in r else "(same model)"
-            paired = f"  |  {r['ratio_of_medians']:.2f}x" if "ratio_of_medians" in r else ""
-            print(f"  {r['metric'].strip():<44} {spread('peftfx', r)}  |  {other}{paired}")
+            paired = f"  |  {r['ratio_of_medians']:.3g}x" if "ratio_of_medians" in r else ""
+            print(f"  {r['metric'].strip():<{width}} {spread('peftfx', r)}  |  {other}{paired}")
     print(f"total wall time {elapsed:.0f} s; load average (1/5/15 min) at start {_fmt_load(load_start)}, "
           f"at end {_fmt_load(load_end)} (this benchmark itself adds about {args.threads} at the end)")
 
     result = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "env": env,
-              "check": {"max_abs_logit_diff": max_diff, "adapter_max_abs_logit_effect": adapter_effect},
+              "check": {"max_abs_logit_diff": max_diff, "adapter_max_abs_logit_effect": adapter_effect,
+                        "passed": checks["passed"], "items": checks["items"]},
+              "goals": goals,
+              "sections": {"switch": sw, "merge": mg, "mixed": mx, "compile": cc},
               "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in rows],
               "memory": mem, "table": table, "wall_s": elapsed}
     if args.json:

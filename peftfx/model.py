@@ -64,12 +64,12 @@ class PeftFxModel(nn.Module):
                 raise
             return getattr(self._modules["base_model"], name)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Not yet: the decode graph with a KV cache is issue #7. Refused rather than falling through to
-        the wrapped model's generate, which would silently ignore the adapters."""
-        raise NotImplementedError(
-            "PeftFxModel.generate is not implemented yet; merge_and_unload() the adapter and call generate "
-            "on the returned model, or run forward step by step.")
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Decode with the active adapters through a static-KV-cache decode graph (peftfx/generate.py);
+        arguments as transformers' generate: input_ids, attention_mask, max_new_tokens, do_sample,
+        temperature, top_k, top_p, eos_token_id, pad_token_id (plus generator or seed)."""
+        from .generate import generate
+        return generate(self, *args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

@@ -583,6 +583,27 @@ def time_row(metric: str, fx: list[float], pf: list[float], unit: str = "s") -> 
             "peftfx_text": fmt_time(mfx), "peft_text": fmt_time(mpf), "ratio_text": fmt_ratio(paired)}
 
 
+def qlora_section(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """tools/bench_qlora.py's measurement on this run's model sizes: side -> its row."""
+    from peftfx.tools.bench_qlora import parse_args as qlora_args, qlora_rows
+    q = qlora_args([])
+    q.hidden, q.layers, q.intermediate, q.heads, q.vocab = args.hidden, args.layers, args.intermediate, args.heads, args.vocab
+    q.batch, q.seq, q.rank, q.threads = args.batch, args.seq, args.r, args.threads
+    q.repeats, q.warmup = max(3, args.repeats // 2), 1
+    return {row["side"]: row for row in qlora_rows(q)}
+
+
+def qlora_table_rows(ql: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    fx, pf = ql["peftfx"], ql["peft"]
+    weights = {"metric": "QLoRA: model tensors (fp32 model: " + fmt_bytes(fx["fp32_model_bytes"]) + ")",
+               "unit": "bytes", "peftfx": fx["model_bytes"], "peft": pf["model_bytes"],
+               "ratio": fx["model_bytes"] / pf["model_bytes"], "peftfx_text": fmt_bytes(fx["model_bytes"]),
+               "peft_text": fmt_bytes(pf["model_bytes"]), "ratio_text": ratio(fx["model_bytes"], pf["model_bytes"])}
+    return [weights,
+            time_row("QLoRA: eval forward", fx["forward_samples"], pf["forward_samples"]),
+            time_row("QLoRA: train step (fwd+bwd+AdamW)", fx["train_step_samples"], pf["train_step_samples"])]
+
+
 def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x" if x >= 0.1 else f"{x:.3f}x (PEFT / peftfx = {1 / x:.0f}x)"
 
@@ -726,6 +747,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--mem-steps", type=int, default=3, help="train steps measured in the memory child")
     p.add_argument("--mem-timeout", type=float, default=600)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--no-qlora", action="store_true", help="skip the QLoRA rows (4-bit NF4 base, tools/bench_qlora.py)")
     p.add_argument("--switch-inner", type=int, default=50,
                    help="set_adapter round trips per timed sample (one takes a few milliseconds at most)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile section (the slow one)")
@@ -849,6 +871,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "first call after each switch (slow: compiles)")
         cc = bench_compile(args)
 
+    # -- QLoRA ------------------------------------------------------------------------------------------
+    ql = None
+    if not args.no_qlora:
+        log("QLoRA: the same Llama loaded in 4-bit NF4 (double quant) by transformers, LoRA on all linears")
+        ql = qlora_section(args)
+
     # -- memory ------------------------------------------------------------------------------------------
     mem = None
     if not args.no_memory:
@@ -886,6 +914,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows += state_rows(sw, mg, mx, args)
     if cc is not None:
         rows += compile_rows(cc)
+    if ql is not None:
+        rows += qlora_table_rows(ql)
     if mem is not None:
         def mem_row(metric: str, key: str) -> dict[str, Any]:
             vals = {s: mem[s].get(key) for s in SIDES}

@@ -144,6 +144,7 @@ def qlora_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "forward_min_s": min(times[(name, "forward")]),
                 "train_step_min_s": min(times[(name, "train")]),
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "forward_samples": times[(name, "forward")], "train_step_samples": times[(name, "train")],
             })
         return rows
 

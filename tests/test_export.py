@@ -79,11 +79,14 @@ def test_merged_artifact_runs_without_peftfx(name, load_model, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path = peftfx.export(pm, str(tmp_path / "model.pt2"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's weights untouched
-    want = _expected(pm)
     with torch.no_grad(), pm.disable_adapter():
         base = pm(**_inputs()[0]).logits
+    pm.merge_adapter()  # the reference: peftfx's own merge (same fold, same fp32 rounding as the artifact's)
+    want = _expected(pm)
+    pm.unmerge_adapter()
     assert (want[0] - base).abs().max() > 1e-3  # the adapter changes the outputs, so folding is tested
     _assert_all_close(_run_fresh(tmp_path, path), want)
+    torch.testing.assert_close(want, _expected(pm), atol=1e-4, rtol=1e-4)  # and merged ≈ unmerged
     program = torch.export.load(path)
     assert not any("lora" in k or "peftfx_slots" in k for k in program.state_dict)  # LoRA folded away
     assert any("modules_to_save" in k for k in program.state_dict) == (name == "bert")  # the trained head

@@ -604,6 +604,18 @@ def qlora_table_rows(ql: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             time_row("QLoRA: train step (fwd+bwd+AdamW)", fx["train_step_samples"], pf["train_step_samples"])]
 
 
+def generate_rows(gen: dict[str, Any]) -> list[dict[str, Any]]:
+    """tokens/s per case (higher is better, so the ratio column is peftfx / PEFT throughput)."""
+    rows = []
+    for case in gen["cases"]:
+        fx, pf = case["peftfx_tok_s"], case["peft_tok_s"]
+        same = "" if case["same_tokens"] else " (TOKENS DIFFER)"
+        rows.append({"metric": f"generate tok/s, {case['targets']}, batch {case['batch']} (x = peftfx/PEFT){same}",
+                     "unit": "tok/s", "peftfx": fx, "peft": pf, "ratio": fx / pf,
+                     "peftfx_text": f"{fx:.0f}", "peft_text": f"{pf:.0f}", "ratio_text": f"{fx / pf:.2f}x"})
+    return rows
+
+
 def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x" if x >= 0.1 else f"{x:.3f}x (PEFT / peftfx = {1 / x:.0f}x)"
 
@@ -748,6 +760,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--mem-timeout", type=float, default=600)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--no-qlora", action="store_true", help="skip the QLoRA rows (4-bit NF4 base, tools/bench_qlora.py)")
+    p.add_argument("--no-generate", action="store_true", help="skip the generate rows (tools/bench_generate.py)")
     p.add_argument("--switch-inner", type=int, default=50,
                    help="set_adapter round trips per timed sample (one takes a few milliseconds at most)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile section (the slow one)")
@@ -877,6 +890,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         log("QLoRA: the same Llama loaded in 4-bit NF4 (double quant) by transformers, LoRA on all linears")
         ql = qlora_section(args)
 
+    # -- generate --------------------------------------------------------------------------------------
+    gen = None
+    if not args.no_generate:
+        log("generate: greedy decoding, peftfx (static-cache decode graph, eager) vs PEFT's generate")
+        from peftfx.tools.bench_generate import run as run_generate
+        gen = run_generate(quick=args.quick, threads=args.threads, new=16 if args.quick else 32, repeats=3)
+
     # -- memory ------------------------------------------------------------------------------------------
     mem = None
     if not args.no_memory:
@@ -916,6 +936,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rows += compile_rows(cc)
     if ql is not None:
         rows += qlora_table_rows(ql)
+    if gen is not None:
+        rows += generate_rows(gen)
     if mem is not None:
         def mem_row(metric: str, key: str) -> dict[str, Any]:
             vals = {s: mem[s].get(key) for s in SIDES}

@@ -24,6 +24,8 @@ FRESH_PROCESS = textwrap.dedent("""
     import torch
     from safetensors.torch import load_file
     artifact, inputs_path, out_path, kind, feed = sys.argv[1:6]
+    if "bnb" in sys.argv[6:]:
+        import bitsandbytes  # noqa: F401  registers torch.ops.bitsandbytes.* for a quantized artifact
     if kind == "aoti":
         module = torch._inductor.aoti_load_package(artifact)
     else:
@@ -48,12 +50,12 @@ def _inputs() -> list[dict[str, torch.Tensor]]:
     return [batch(b, s, seed=b + s) for b, s in SIZES]
 
 
-def _run_fresh(tmp_path, artifact: str, kind: str = "pt2", feed: str = "-") -> list[torch.Tensor]:
+def _run_fresh(tmp_path, artifact: str, kind: str = "pt2", feed: str = "-", *flags: str) -> list[torch.Tensor]:
     script = tmp_path / "fresh.py"
     script.write_text(FRESH_PROCESS)
     inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
     torch.save(_inputs(), inputs)
-    done = subprocess.run([sys.executable, "-I", str(script), artifact, str(inputs), str(outputs), kind, feed],
+    done = subprocess.run([sys.executable, "-I", str(script), artifact, str(inputs), str(outputs), kind, feed, *flags],
                           capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(outputs)
@@ -116,6 +118,18 @@ def test_prompt_learning_adapters_export(kind, load_model, tmp_path):
     pm.eval()
     path = peftfx.export(pm, str(tmp_path / "model.pt2"))
     _assert_all_close(_run_fresh(tmp_path, path), _expected(pm))
+
+
+def test_quantized_base_exports_unmerged_and_refuses_merged(load_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pm = peftfx.apply(load_model("llama"), _lora("llama"),
+                      quantization=peftfx.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    pm.eval()
+    with pytest.raises(ExportError, match="merged export onto a quantized base is not supported"):
+        peftfx.export(pm, str(tmp_path / "merged.pt2"))
+    assert not os.path.exists(tmp_path / "merged.pt2")
+    path = peftfx.export(pm, str(tmp_path / "model.pt2"), merged=False)
+    _assert_all_close(_run_fresh(tmp_path, path, "pt2", "-", "bnb"), _expected(pm))
 
 
 def test_aoti_package_runs_without_peftfx(load_model, tmp_path):

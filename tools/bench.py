@@ -460,6 +460,9 @@ def bench_compile(args: argparse.Namespace) -> dict[str, Any]:
         pp.eval()
         with torch.no_grad():
             eager = pp(**inputs).logits
+        # the same model eager (uncompiled), for the "compiled vs eager" row
+        eager_times = interleaved({"peftfx": no_grad_call(pm, inputs), "peft": no_grad_call(pp, inputs)},
+                                  args.warmup, args.fwd_repeats)
         # warm up the compiler itself (imports, worker pool), so neither side's first compile pays for it
         torch.compile(lambda x: torch.relu(x @ x.T), backend=args.compile_backend)(torch.randn(8, 8))
 
@@ -519,7 +522,7 @@ def bench_compile(args: argparse.Namespace) -> dict[str, Any]:
         return {"layers": args.compile_layers, "backend": args.compile_backend, "threads": args.compile_threads,
                 "first": first,
                 "frames_first": frames_first, "switches": switches, "switch_frames": switch_frames,
-                "back": back, "back_frames": back_frames, "warm": warm,
+                "back": back, "back_frames": back_frames, "warm": warm, "eager": eager_times,
                 "total_frames": {s: counters[s].frames for s in SIDES},
                 "peftfx_error_on_recompile_probe": probe_error or "ok",
                 "guard_failure_reasons": sorted(set(reasons))[:10],
@@ -676,6 +679,11 @@ def compile_rows(cc: dict) -> list[dict[str, Any]]:
         value_row("  graphs compiled by that switch back", "count", cc["back_frames"]["peftfx"],
                   cc["back_frames"]["peft"]),
         time_row(f"{tag}: eval forward (warm)", cc["warm"]["peftfx"], cc["warm"]["peft"]),
+        time_row(f"{tag[:-1]}, eager): eval forward, not compiled", cc["eager"]["peftfx"], cc["eager"]["peft"]),
+        value_row("  compiled / eager forward (median over medians)", "ratio",
+                  statistics.median(cc["warm"]["peftfx"]) / statistics.median(cc["eager"]["peftfx"]),
+                  statistics.median(cc["warm"]["peft"]) / statistics.median(cc["eager"]["peft"]),
+                  fmt=lambda x: f"{x:.2f}x"),
     ]
 
 

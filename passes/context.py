@@ -24,3 +24,12 @@ class PassContext:
     training: bool = False
     quant: Optional[torch.nn.Module] = None  # the QuantStore of a quantized base (passes/quantize.py)
     scratch: dict = field(default_factory=dict)  # per-variant facts a pass computes once
+
+    def serves_prompt(self, kind: str) -> bool:
+        """Whether this variant runs a prompt-learning adapter of `kind` ("PROMPT_TUNING", "PREFIX_TUNING")."""
+        return bool(self.prompt) and self.store.kinds.get(self.prompt[0]) == kind
+
+    @property
+    def prompt_config(self):
+        """The config of the variant's prompt-learning adapter."""
+        return self.store.configs[self.prompt[0]]

@@ -42,11 +42,7 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 
 
 def _active(ctx: PassContext) -> bool:
-    return bool(ctx.prompt) and ctx.store.kinds.get(ctx.prompt[0]) == "PREFIX_TUNING"
-
-
-def _config(ctx: PassContext):
-    return ctx.store.configs[ctx.prompt[0]]
+    return ctx.serves_prompt("PREFIX_TUNING")
 
 
 def _is_positions(node: fx.Node, ctx: PassContext) -> bool:
@@ -58,7 +54,7 @@ def _positions(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     gm = node.graph.owning_module
     _layers(gm, ctx)  # refuse a graph whose attention ops the pass cannot find, before changing anything
     b.adapter = ctx.prompt[0]
-    p = _config(ctx).num_virtual_tokens
+    p = ctx.prompt_config.num_virtual_tokens
     source = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target in ("input_ids", "inputs_embeds"))
     rows = b.call(aten.sym_size.int, source, 0)
     length = b.call(aten.sym_size.int, source, 1)
@@ -135,7 +131,7 @@ def _layers(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, int]:
     """Attention site -> layer: its rank among the graph's attention sites (checked against num_layers)."""
     if "prefix_layers" not in ctx.scratch:
         nodes = attention_sites(gm)
-        layers = _config(ctx).num_layers
+        layers = ctx.prompt_config.num_layers
         if len(nodes) != layers:
             raise ConfigError(
                 f"prefix tuning found {len(nodes)} attention layers in the graph (scaled_dot_product_attention "
@@ -157,7 +153,7 @@ def _prefix_table(ctx: PassContext, b: Builder) -> fx.Node:
     """[P, 2 * layers, kv heads, head dim], computed once (the MLP runs here when projected)."""
     if "prefix_table" in ctx.scratch:
         return ctx.scratch["prefix_table"]
-    config = _config(ctx)
+    config = ctx.prompt_config
     adapter = ctx.prompt[0]
     encoder = ctx.store.prompts[adapter]
     base = f"{MOUNT}.{ctx.store.prompt_module_path(adapter)}"
@@ -175,7 +171,7 @@ def _prefix_table(ctx: PassContext, b: Builder) -> fx.Node:
 
 def _prefix_states(b: Builder, table: fx.Node, index: int, like: fx.Node, ctx: PassContext) -> fx.Node:
     """Layer `index`'s keys or values shaped like `like` ([B, heads, L, d]) but with P positions."""
-    config = _config(ctx)
+    config = ctx.prompt_config
     p, kv_heads, dim = config.num_virtual_tokens, config.num_attention_heads, config.kv_head_dim
     val = like.meta["val"]
     heads = val.shape[1]
@@ -197,7 +193,7 @@ def _attention(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     b.adapter = ctx.prompt[0]
     args = dict(zip(SDPA_ARGS, node.args))
     args.update(node.kwargs)
-    p = _config(ctx).num_virtual_tokens
+    p = ctx.prompt_config.num_virtual_tokens
     b.continue_after(node.prev)  # the prefix feeds the op
     table = _prefix_table(ctx, b)
     key, value = args["key"], args["value"]
@@ -219,7 +215,7 @@ def _prepend_columns(b: Builder, tensor: fx.Node, value, ctx: PassContext) -> fx
     Built once per mask: every layer shares the model's mask, so later layers reuse the first widening."""
     cache = ctx.scratch.setdefault("prefix_columns", {})
     if (tensor, value) not in cache:
-        p = _config(ctx).num_virtual_tokens
+        p = ctx.prompt_config.num_virtual_tokens
         dims = tensor.meta["val"].dim()
         first = b.call(aten.slice.Tensor, tensor, dims - 1, 0, 1)
         columns = b.call(aten.expand.default, b.call(aten.full_like.default, first, value), [-1] * (dims - 1) + [p])

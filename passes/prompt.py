@@ -27,13 +27,9 @@ aten = torch.ops.aten
 NAME = "prompt"
 
 
-def _config(ctx: PassContext):
-    return ctx.store.configs[ctx.prompt[0]]
-
-
 def _is_input(name: str):
     def match(node: fx.Node, ctx: PassContext) -> bool:
-        return (bool(ctx.prompt) and ctx.store.kinds.get(ctx.prompt[0]) == "PROMPT_TUNING"
+        return (ctx.serves_prompt("PROMPT_TUNING")
                 and node.op == "placeholder" and node.target == name)
     return match
 
@@ -74,12 +70,12 @@ def _embeds(node: fx.Node, ctx: PassContext, b: Builder) -> None:
 def _pad_with(value):
     def apply(node: fx.Node, ctx: PassContext, b: Builder) -> None:
         b.adapter = ctx.prompt[0]
-        b.replace_uses(node, _batch_and_pad(b, node, value, _config(ctx).num_virtual_tokens))
+        b.replace_uses(node, _batch_and_pad(b, node, value, ctx.prompt_config.num_virtual_tokens))
     return apply
 
 
 def _causal_labels(node: fx.Node, ctx: PassContext) -> bool:
-    return _is_input("labels")(node, ctx) and _config(ctx).task_type == "CAUSAL_LM"
+    return _is_input("labels")(node, ctx) and ctx.prompt_config.task_type == "CAUSAL_LM"
 
 
 RULES = (

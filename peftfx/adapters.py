@@ -36,6 +36,21 @@ class LoraSlot:
     bias_path: Optional[str]
 
 
+def module_at(root: nn.Module, path: str, create: bool = False) -> Optional[nn.Module]:
+    """The submodule at dotted `path` below `root` (None if missing), or with `create` a chain of empty
+    holder modules made on the way: adapter stores, slot banks and export holders mirror model paths."""
+    module: nn.Module = root
+    for part in path.split(".") if path else []:
+        child = module._modules.get(part)
+        if child is None:
+            if not create:
+                return None
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    return module
+
+
 class AdapterStore(nn.Module):
     """Adapter parameters by site and adapter name, plus the Python-side facts about them."""
 
@@ -61,16 +76,7 @@ class AdapterStore(nn.Module):
     # -- tree helpers ------------------------------------------------------------------------------
 
     def node(self, path: str, create: bool = False) -> Optional[nn.Module]:
-        module: nn.Module = self
-        for part in path.split(".") if path else []:
-            child = module._modules.get(part)
-            if child is None:
-                if not create:
-                    return None
-                child = nn.Module()
-                module.add_module(part, child)
-            module = child
-        return module
+        return module_at(self, path, create)
 
     @staticmethod
     def lora_weight_path(key: str, adapter: str, which: str) -> str:

@@ -366,15 +366,20 @@ class PeftFxModel(nn.Module):
             return None
         return self._active[0]
 
-    def _prompt_variant(self, adapter: str, named: dict[str, Any]) -> tuple[fx.GraphModule, Any, dict]:
-        """(graph, callable, inputs to call it with): the base graph captured for the virtual tokens'
-        sizes, rewritten by the prompt/prefix pass to take the user's inputs."""
+    def _prompt_capture(self, adapter: str, named: dict[str, Any],
+                        training: bool) -> tuple[Capture, VariantSpec, dict]:
+        """(capture, spec, inputs to call the variant with) of a prompt-learning adapter: the base graph is
+        captured for the virtual tokens' sizes; the prompt/prefix pass rewrites it to take the user's inputs."""
         config = self.adapters.configs[adapter]
         named = user_inputs(config, named)
         source = "input_ids" if "input_ids" in named else "inputs_embeds"
-        capture = self._capturer.get(capture_inputs(config, named, self.base_model), self.training)
+        capture = self._capturer.get(capture_inputs(config, named, self.base_model), training)
         saved = (adapter,) if self.adapters.saved.get(adapter) else ()
-        spec = VariantSpec(prompt=(adapter, source), saved=saved, training=self.training)
+        return capture, VariantSpec(prompt=(adapter, source), saved=saved, training=training), named
+
+    def _prompt_variant(self, adapter: str, named: dict[str, Any]) -> tuple[fx.GraphModule, Any, dict]:
+        """(graph, callable, inputs to call it with) of a prompt-learning adapter in the current mode."""
+        capture, spec, named = self._prompt_capture(adapter, named, self.training)
         gm, run = self._variants.get(capture, self.base_model, self.adapters, spec)
         return gm, run, named
 

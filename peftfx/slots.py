@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from .adapters import AdapterStore
+from .adapters import AdapterStore, module_at
 
 SLOTS = "peftfx_slots"  # attribute name of a variant's slot bank inside its GraphModule
 
@@ -28,16 +28,6 @@ class SlotBank(nn.Module):
         self.bound: Optional[tuple[str, ...]] = None
         self._holders: dict[tuple[int, str], nn.Module] = {}  # (position, site key) -> holder module
 
-    def _holder(self, path: str) -> nn.Module:
-        module: nn.Module = self
-        for part in path.split("."):
-            child = module._modules.get(part)
-            if child is None:
-                child = nn.Module()
-                module.add_module(part, child)
-            module = child
-        return module
-
     def bind(self, store: AdapterStore, adapters: tuple[str, ...]) -> None:
         if self.bound == adapters:
             return
@@ -45,7 +35,7 @@ class SlotBank(nn.Module):
             for key, (a, b, scaling) in store.site_tensors(adapter).items():
                 holder = self._holders.get((position, key))
                 if holder is None:
-                    holder = self._holders[(position, key)] = self._holder(f"p{position}.{key}")
+                    holder = self._holders[(position, key)] = module_at(self, f"p{position}.{key}", create=True)
                 holder._parameters["A"] = a
                 holder._parameters["B"] = b
                 holder._buffers["scaling"] = scaling

@@ -25,12 +25,12 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from peftfx.capture import export_dynamic
-from peftfx.errors import ConfigError, PeftFxError
+from peftfx.errors import PeftFxError
 from peftfx.graph_inputs import keyword_inputs, placeholder, remove_keyword_input
 from peftfx.io import atomic_write
 from peftfx.model import PeftFxModel
 from peftfx.passes.merge import delta_weight
-from peftfx.adapters import MOUNT
+from peftfx.adapters import MOUNT, module_at
 from peftfx.quant_store import QUANT_MOUNT
 from peftfx.state import VariantSpec, build_variant
 
@@ -67,7 +67,7 @@ def export(pm: PeftFxModel, path: str, *, merged: bool = True, aoti: bool = Fals
     _keep_range_checks_only(program)
     if merged:
         _fold_adapters(pm, program, adapters)
-    sidecars = _adapter_files(pm, program, adapters[0] if spec.lora else None)
+    sidecars = adapter_tensors(pm, program, adapters[0]) if spec.lora else {}
     start = time.perf_counter()
     if aoti:
         say("compiling with AOTInductor (this takes a while)")
@@ -122,12 +122,7 @@ def _graph(pm: PeftFxModel, adapters: list[str], merged: bool,
                           "to the result.")
     saving = tuple(a for a in adapters if store.saved.get(a))
     if prompt:
-        from peftfx.virtual_tokens import capture_inputs, user_inputs
-        config = store.configs[prompt[0]]
-        user = user_inputs(config, named)
-        capture = pm._capturer.get(capture_inputs(config, user, pm.base_model), training=False)
-        source = "input_ids" if "input_ids" in user else "inputs_embeds"
-        spec = VariantSpec(prompt=(prompt[0], source), saved=saving)
+        capture, spec, _ = pm._prompt_capture(prompt[0], named, training=False)
         bind: tuple[str, ...] = ()
     else:
         capture = pm._capturer.get(named, training=False)
@@ -157,12 +152,9 @@ def _keep_only_what_the_graph_reads(gm: fx.GraphModule) -> None:
 
 
 def _hold(holder: torch.nn.Module, path: str, source: torch.nn.Module) -> None:
-    *parents, leaf = path.split(".")
-    owner = source.get_submodule(".".join(parents)) if parents else source
-    for part in parents:
-        if part not in holder._modules:
-            holder.add_module(part, torch.nn.Module())
-        holder = holder._modules[part]
+    parent, _, leaf = path.rpartition(".")
+    owner = source.get_submodule(parent)
+    holder = module_at(holder, parent, create=True)
     if leaf in owner._parameters:
         holder._parameters[leaf] = owner._parameters[leaf]
     elif leaf in owner._buffers:
@@ -252,13 +244,6 @@ def adapter_tensors(pm: PeftFxModel, program: torch.export.ExportedProgram, expo
     return out
 
 
-def _adapter_files(pm: PeftFxModel, program: torch.export.ExportedProgram,
-                   exported: Optional[str]) -> dict[str, dict]:
-    if exported is None:
-        return {}
-    return adapter_tensors(pm, program, exported)
-
-
 def _write_sidecars(path: str, sidecars: dict[str, dict], say: Progress) -> None:
     from safetensors.torch import save_file
     folder = path + ADAPTERS_SUFFIX
@@ -286,4 +271,4 @@ def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-__all__ = ["export", "ExportError", "adapter_tensors", "load_adapter_into", "ADAPTERS_SUFFIX", "ConfigError"]
+__all__ = ["export", "ExportError", "adapter_tensors", "load_adapter_into", "ADAPTERS_SUFFIX"]

@@ -22,6 +22,7 @@ class PassContext:
     row_index: Optional[fx.Node] = None  # the [batch] int64 input holding each row's index
     prompt: tuple = ()  # (prompt-learning adapter, the user's token input: "input_ids" | "inputs_embeds")
     training: bool = False
+    fuse: bool = True  # run passes/fuse.py's rewrites (PeftFxModel.fusion turns them off)
     quant: Optional[torch.nn.Module] = None  # the QuantStore of a quantized base (passes/quantize.py)
     scratch: dict = field(default_factory=dict)  # per-variant facts a pass computes once
 

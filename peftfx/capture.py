@@ -56,6 +56,9 @@ class Capture:
     signature: Signature
     program: torch.export.ExportedProgram
     dim_ranges: dict[str, tuple] = field(default_factory=dict)  # name -> per dim: int or (lo, hi)
+    # passes/fuse.py trades kernels for a concatenation and views; a decode graph (one token per row)
+    # pays per op, so its variants are built unfused (measured: fused decoding up to 4% slower)
+    fuse_lora: bool = True
 
     def accepts(self, kwargs: dict[str, Any]) -> bool:
         for name, ranges in self.dim_ranges.items():

@@ -442,6 +442,19 @@ class PeftFxModel(nn.Module):
             return self._prompt_variant(prompt, self._reference_named())[0]
         return self._variant(self._reference_capture())[0]
 
+    @property
+    def fusion(self) -> bool:
+        """Whether LoRA paths run fused (passes/fuse.py: one A matmul for adapters reading the same input,
+        with one dropout mask; the scale folded into B). On by default; outputs and gradients equal the
+        unfused paths within fp32 rounding. Setting it drops the built variants (rebuilt on the next call)."""
+        return self._variants.fusion
+
+    @fusion.setter
+    def fusion(self, enabled: bool) -> None:
+        if bool(enabled) != self._variants.fusion:
+            self._variants.clear()
+            self._variants.fusion = bool(enabled)
+
     def compile(self, **options: Any) -> "PeftFxModel":
         """Run every variant through torch.compile (once per variant, with `options`, default
         dynamic=True). Adapters of the same layout share a compiled variant: switching between them,

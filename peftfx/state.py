@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import fx
 
-from peftfx.passes import inline_grad_regions, lora, modules_to_save, prefix, prompt, quantize
+from peftfx.passes import fuse, inline_grad_regions, lora, modules_to_save, prefix, prompt, quantize
 from peftfx.passes.context import PassContext
 
 from .adapters import MOUNT, AdapterStore
@@ -28,8 +28,9 @@ from .slots import SLOTS, SlotBank
 # Order matters: modules_to_save retargets base reads before LoRA reads the (possibly copied) inputs.
 # Every variant, the base one included, gets its no-grad regions inlined (one compiled graph, no break).
 # prompt/prefix rewrite the graph's inputs and attention before any weight-level pass.
-# quantize runs last: it swaps the base linear under LoRA's added path (and finds nothing without a quant store).
-PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora, quantize)
+# quantize swaps the base linear under LoRA's added path (and finds nothing without a quant store).
+# fuse runs last: it only rewrites the nodes lora inserted, into fewer kernels.
+PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora, quantize, fuse)
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 
 
@@ -50,9 +51,10 @@ class VariantSpec:
 
 
 def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
-                  bind: tuple[str, ...], quant: Optional[torch.nn.Module] = None) -> fx.GraphModule:
+                  bind: tuple[str, ...], quant: Optional[torch.nn.Module] = None, fuse: bool = True) -> fx.GraphModule:
     """A fresh graph from the capture, rewritten by the pipeline; its slot bank bound to `bind`.
-    With a quant store (a quantized base), every variant mounts it, the base variant included."""
+    With a quant store (a quantized base), every variant mounts it, the base variant included.
+    `fuse=False` leaves the adapter paths as the lora pass wrote them (passes/fuse.py does not run)."""
     gm = capture.fresh_module()
     if quant is not None:
         gm.add_module(QUANT_MOUNT, quant)
@@ -65,7 +67,7 @@ def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore,
         gm.add_module(SLOTS, bank)
     row_index: Optional[fx.Node] = add_keyword_input(gm, spec.row_input) if spec.mixed else None
     ctx = PassContext(model=model, store=store, lora=bind, saved=spec.saved, mixed=spec.mixed,
-                      row_index=row_index, prompt=spec.prompt, training=spec.training, quant=quant)
+                      row_index=row_index, prompt=spec.prompt, training=spec.training, quant=quant, fuse=fuse)
     for p in PIPELINE:
         run_pass(gm, p.RULES, ctx, p.NAME)
     gm.recompile()
@@ -77,12 +79,15 @@ class VariantCache:
 
     `compile_options`, when set, wraps each variant in torch.compile once; a variant serves every
     adapter of its layout through its slot bank, so switching such adapters compiles nothing new.
+    `fusion` says whether variants are built with passes/fuse.py (changing it needs `clear()`); a
+    capture can opt out (`Capture.fuse_lora`, decode graphs).
     """
 
     def __init__(self) -> None:
         self._variants: dict[tuple, tuple[fx.GraphModule, Callable]] = {}
         self.compile_options: Optional[dict[str, Any]] = None
         self.quant: Optional[torch.nn.Module] = None  # the model's QuantStore, mounted in every variant
+        self.fusion = True
 
     def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
             bind: tuple[str, ...] = ()) -> tuple[fx.GraphModule, Callable]:
@@ -92,7 +97,7 @@ class VariantCache:
         entry = self._variants.get(key)
         if entry is None:
             self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, store.version)}
-            gm = build_variant(capture, model, store, spec, bind, self.quant)
+            gm = build_variant(capture, model, store, spec, bind, self.quant, self.fusion and capture.fuse_lora)
             run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else gm
             entry = self._variants[key] = (gm, run)
         elif spec.lora:

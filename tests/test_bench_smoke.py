@@ -13,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TIMED_ROWS = [  # metric prefixes of rows with samples on both sides
     "apply (median of", "eval forward, adapter disabled", "eval forward, unmerged LoRA",
-    "train step (fwd+bwd+AdamW)", "set_adapter default->b->default (+ peftfx's bind)",
+    "train step (fwd+bwd+AdamW)", "eval forward, unmerged, fusion off", "train step, fusion off",
+    "set_adapter default->b->default (+ peftfx's bind)",
     "bare set_adapter calls", "merge_adapter + unmerge_adapter", "eval forward, adapter merged",
     "eval forward, 1 adapter, batch", "eval forward, mixed 4 adapters, batch",
     "compiled (1-layer model, 1 thread): first call after set_adapter(new)",
@@ -21,11 +22,12 @@ TIMED_ROWS = [  # metric prefixes of rows with samples on both sides
 ]
 OTHER_ROWS = [
     "trainable parameters", "apply, first call in process (cold)", "eval forward, plain base model (reference)",
-    "train step, first call (cold)", "set_adapter default->b->default, first time (cold)",
+    "train step, first call (cold)", "floor: frozen base fwd+bwd", "train step above the floor", "set_adapter default->b->default, first time (cold)",
     "merge + unmerge, first call (cold)", "max |W - W0| after 1 merge + unmerge", "mixed batch of 4 adapters, first call",
     "... mixed / single-adapter batch", "compiled (1-layer model, 1 thread): first call (compiles)",
     "graphs compiled by those 3 switches", "compiled (1-layer model, 1 thread): first call after set_adapter(default)",
-    "graphs compiled by that switch back", "peak RSS, whole child", "peak RSS, steady-state train steps",
+    "graphs compiled by that switch back",
+    "compiled (1-layer model, 1 thread): unmerged / base forward (adapters disabled)", "peak RSS, whole child", "peak RSS, steady-state train steps",
 ]
 
 
@@ -56,7 +58,8 @@ def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
     assert len(relative) == 2 and all(r["peftfx"] > 0 and r["peft"] > 0 for r in relative)  # unmerged, merged
 
     assert result["check"]["passed"], result["check"]["items"]
-    assert {g["goal"] for g in result["goals"]} == {"set_adapter", "merged_forward", "mixed_batch", "no_recompile"}
+    assert {g["goal"] for g in result["goals"]} == {"set_adapter", "merged_forward", "mixed_batch", "no_recompile",
+                                                   "unmerged_forward", "train_step", "compiled_unmerged_forward"}
     compiled = result["sections"]["compile"]
     assert compiled["peftfx_error_on_recompile_probe"] == "ok"
     assert sum(compiled["switch_frames"]["peftfx"]) == 0  # same-layout switches compile nothing in peftfx

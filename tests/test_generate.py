@@ -163,3 +163,26 @@ def test_bad_arguments_raise_clear_errors(lora_twins):
     with pytest.raises(peftfx.ConfigError, match="temperature"):
         pm.generate(ids, do_sample=True, temperature=0.0)
     assert torch.equal(pm.generate(ids, max_new_tokens=0), ids)
+
+
+@pytest.mark.slow
+def test_compiled_generate_matches_peft_and_switches_without_recompiling(model_dirs, tmp_path):
+    """pm.compile() then generate: the decode graph runs compiled (inductor), greedy tokens still equal
+    PEFT's, and switching to an adapter of the same layout compiles nothing new."""
+    import torch._dynamo
+
+    configs = {"default": dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"]),
+               "b": dict(r=4, lora_alpha=16, target_modules=TARGETS["llama"])}
+    ref, pm = twin_models(_loader(model_dirs), "llama", configs, tmp_path)
+    torch._dynamo.reset()
+    pm.compile()
+    padded = batch(3, 7)
+    try:
+        for adapter in ("default", "b"):
+            ref.set_adapter(adapter), pm.set_adapter(adapter)
+            if adapter == "b":
+                torch._dynamo.config.error_on_recompile = True
+            assert torch.equal(pm.generate(**padded, max_new_tokens=NEW), _peft_generate(ref, **padded)), adapter
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()

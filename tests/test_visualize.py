@@ -120,20 +120,36 @@ def prefix_pm(model_dirs):
 
 # -- SVG -------------------------------------------------------------------------------------------------
 
+# per module, the adapter nodes drawn: the lora pass's path, and what passes/fuse.py makes of it
+UNFUSED_OPS = ["A", "B", "scaling", "linear", "linear", "mul", "add"]  # reads, A and B, scale, add into y
+FUSED_OPS = ["A", "B", "scaling", "slice", "mul", "linear", "add"]  # A's view of the group matmul, B * scaling
+FUSED_FIRST = ["cat", "linear"]  # q and v share x: the one A matmul is drawn with the first site, q_proj
+
+
 @needs_dot
-def test_every_adapted_module_has_its_adapter_nodes(twins, tmp_path):
+@pytest.mark.parametrize("fusion", [False, True])
+def test_every_adapted_module_has_its_adapter_nodes(twins, tmp_path, fusion):
     ref, pm = twins
     pm.set_adapter("default")
-    drawn = draw_svg(pm, tmp_path, fold=False)
-    lora = adapter_boxes(drawn)
-    assert {b.module for b in lora} == peft_adapted_modules(ref, "default")
-    for module in peft_adapted_modules(ref, "default"):
-        mine = [b for b in lora if b.module == module]
-        # LoRA's path: A, B and scaling read, two linears, a mul and the add into the base output
-        ops = sorted(b.text.split()[0] for b in mine)
-        assert ops == sorted(["A", "B", "scaling", "linear", "linear", "mul", "add"])
-        assert all(b.tooltip["pass"] == "lora.linear" and b.tooltip["adapter"] == "default" for b in mine)
-    assert {b.id[2:] for b in lora} == stamped(pm.graph_module)
+    pm.fusion = fusion
+    try:
+        drawn = draw_svg(pm, tmp_path, fold=False)
+        lora = adapter_boxes(drawn)
+        assert {b.module for b in lora} == peft_adapted_modules(ref, "default")
+        for module in peft_adapted_modules(ref, "default"):
+            mine = [b for b in lora if b.module == module]
+            ops = sorted(b.text.split()[0] for b in mine)
+            if not fusion:
+                assert ops == sorted(UNFUSED_OPS)
+                assert all(b.tooltip["pass"] == "lora.linear" for b in mine)
+            else:
+                first = module.endswith("q_proj")
+                assert ops == sorted(FUSED_OPS + (FUSED_FIRST if first else []))
+                assert all(b.tooltip["pass"].startswith(("lora.", "fuse.")) for b in mine)
+            assert all(b.tooltip["adapter"] == "default" for b in mine)
+        assert {b.id[2:] for b in lora} == stamped(pm.graph_module)
+    finally:
+        pm.fusion = True
 
 
 @needs_dot
@@ -170,7 +186,8 @@ def test_repeated_layers_fold_into_one_note_with_the_right_range(twins, tmp_path
     assert modules and all(m.startswith("model.layers.0.") or m == "model.layers.0" for m in modules)
     assert {b.module for b in adapter_boxes(drawn)} == {
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
-    assert "adapter-default" in folds[0].classes and folds[0].tooltip["adapter"] == "default (lora.linear)"
+    assert "adapter-default" in folds[0].classes
+    assert folds[0].tooltip["adapter"] == "default (fuse.shared_input, lora.linear, fuse.fold_scaling)"
 
 
 @needs_dot
@@ -239,7 +256,7 @@ def test_qlora_quantize_nodes_are_base_not_adapter_in_the_diff(model_dirs, tmp_p
     pm = peftfx.apply(model, peftfx.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
                       quantization=peftfx.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     gm = pm.graph_module
-    lora = {n.name for n in gm.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith("lora.")}
+    lora = {n.name for n in gm.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith(("lora.", "fuse."))}
     quant = {n.name for n in gm.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith("quantize.")}
     assert lora and quant
     drawn = draw_svg(pm, tmp_path, fold=False)
@@ -384,7 +401,7 @@ def test_html_search_highlights_nodes_in_headless_chromium(twins, tmp_path):
     hits = {i for tag, i, cls in scan.elements if tag == "g" and "node" in cls and "hit" in cls}
     expected = {f"n-{n.name}" for n in pm.graph_module.graph.nodes  # the linear and its LoRA nodes
                 if list(n.meta.get("nn_module_stack", {"": ("", None)}).values())[-1][0] == "model." + query}
-    assert len(expected) == 8
+    assert len(expected) == 1 + len(FUSED_OPS) + len(FUSED_FIRST)
     assert hits == expected and int(scan.body["data-hits"]) == len(expected)
     shot = tmp_path / "search.png"
     done = _headless(browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,800", url)

@@ -106,6 +106,18 @@ def make_train_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], lr:
     return step
 
 
+def make_floor_step(base: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
+    """The least a LoRA train step can cost: the frozen base model's forward with labels and a backward
+    through every layer, made to run by one trainable scalar on the embedding output (no adapter)."""
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gate = torch.nn.Parameter(torch.ones(()))
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out * gate)
+    model.floor_gate = gate  # registered, so the step's optimizer finds it
+    return make_train_step(model, inputs)
+
+
 # --------------------------------------------------------------------------------------------------
 # timing
 
@@ -516,13 +528,25 @@ def bench_compile(args: argparse.Namespace) -> dict[str, Any]:
             torch._dynamo.config.error_on_recompile = False
         pm.set_adapter("default")
 
+        # compiled unmerged forward against the same side's compiled base forward (adapters disabled),
+        # timed after the counting above: PEFT's disable compiles a new graph, peftfx's its base variant
+        def disabled(side: str) -> Callable[[], Any]:
+            model = pm if side == "peftfx" else pp
+
+            def run():
+                with model.disable_adapter():
+                    return calls[side]()
+            return run
+
+        vs_base = interleaved({**calls, **{f"{s}_base": disabled(s) for s in SIDES}}, args.warmup, args.fwd_repeats)
+
         reasons = []
         for code_reasons in torch._dynamo.utils.guard_failures.values():
             reasons.extend(str(r).splitlines()[0][:200] for r in code_reasons)
         return {"layers": args.compile_layers, "backend": args.compile_backend, "threads": args.compile_threads,
                 "first": first,
                 "frames_first": frames_first, "switches": switches, "switch_frames": switch_frames,
-                "back": back, "back_frames": back_frames, "warm": warm, "eager": eager_times,
+                "back": back, "back_frames": back_frames, "warm": warm, "eager": eager_times, "vs_base": vs_base,
                 "total_frames": {s: counters[s].frames for s in SIDES},
                 "peftfx_error_on_recompile_probe": probe_error or "ok",
                 "guard_failure_reasons": sorted(set(reasons))[:10],
@@ -680,6 +704,8 @@ def compile_rows(cc: dict) -> list[dict[str, Any]]:
                   cc["back_frames"]["peft"]),
         time_row(f"{tag}: eval forward (warm)", cc["warm"]["peftfx"], cc["warm"]["peft"]),
         time_row(f"{tag[:-1]}, eager): eval forward, not compiled", cc["eager"]["peftfx"], cc["eager"]["peft"]),
+        relative_row(f"{tag}: unmerged / base forward (adapters disabled)", cc["vs_base"],
+                     {"peftfx": ("peftfx", "peftfx_base"), "peft": ("peft", "peft_base")}),
         value_row("  compiled / eager forward (median over medians)", "ratio",
                   statistics.median(cc["warm"]["peftfx"]) / statistics.median(cc["eager"]["peftfx"]),
                   statistics.median(cc["warm"]["peft"]) / statistics.median(cc["eager"]["peft"]),
@@ -687,11 +713,13 @@ def compile_rows(cc: dict) -> list[dict[str, Any]]:
     ]
 
 
-def sanity_checks(max_diff: float, effect: float, sw: dict, mg: dict, mx: dict, cc: Optional[dict]) -> dict[str, Any]:
+def sanity_checks(max_diff: float, effect: float, unfused_diff: float, sw: dict, mg: dict, mx: dict,
+                  cc: Optional[dict]) -> dict[str, Any]:
     """Both sides compute the same function in every state that is timed (limits on max |delta logits|)."""
     items = {
         "the adapter changes the logits (so the checks below mean something)": (effect, 1e-2, effect > 1e-2),
         "eager logits, peftfx vs PEFT": (max_diff, 1e-4, None),
+        "eager logits, peftfx fused vs unfused": (unfused_diff, 1e-4, None),
         "logits after the set_adapter round trips, peftfx vs PEFT": (sw["logit_diff_after"], 1e-4, None),
         "merged logits, peftfx vs PEFT": (mg["merged_fx_vs_peft"], 1e-4, None),
         "merged vs unmerged logits, peftfx": (mg["merged_vs_unmerged"]["peftfx"], 1e-3, None),
@@ -708,8 +736,13 @@ def sanity_checks(max_diff: float, effect: float, sw: dict, mg: dict, mx: dict, 
     return {"passed": all(c["ok"] for c in out.values()), "items": out}
 
 
-def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict]) -> list[dict[str, Any]]:
-    """Issue #3's goals against this run's paired figures."""
+def round_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over interleaved rounds of samples[num] / samples[den] in the same round."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
+
+def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: dict) -> list[dict[str, Any]]:
+    """Issue #3's and #8's goals against this run's paired figures."""
     speedup = 1 / statistics.median(a / b for a, b in zip(sw["samples"]["peftfx"], sw["samples"]["peft"]))
     rel = {s: statistics.median(a / b for a, b in zip(mg["fw"][s], mg["fw"]["base"])) for s in SIDES}
     mix = {s: statistics.median(a / b for a, b in zip(mx["samples"][f"{s}_mixed"], mx["samples"][f"{s}_single"]))
@@ -723,7 +756,21 @@ def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict]) -> list[dict[st
          "text": f"mixed 4-adapter batch {mix['peftfx']:.2f}x a single-adapter batch (goal <= 1.3x; "
                  f"PEFT {mix['peft']:.2f}x, allowed 2x)"},
     ]
+    eager = {s: round_ratio(fw, s, "base") for s in ("peftfx", "peft", "unfused")}
+    train = {s: round_ratio(tr, s, "peft") for s in ("peftfx", "unfused", "floor")}
+    goals += [
+        {"goal": "unmerged_forward", "value": eager["peftfx"], "met": eager["peftfx"] <= 1.10,
+         "text": f"unmerged eager forward {eager['peftfx']:.3f}x the base forward (goal <= 1.10x; fusion off "
+                 f"{eager['unfused']:.3f}x, PEFT {eager['peft']:.3f}x)"},
+        {"goal": "train_step", "value": train["peftfx"], "met": train["peftfx"] <= 0.8,
+         "text": f"train step {train['peftfx']:.3f}x PEFT's (goal <= 0.8x; fusion off {train['unfused']:.3f}x; "
+                 f"the frozen base alone, no adapter: {train['floor']:.3f}x)"},
+    ]
     if cc is not None:
+        rel_c = {s: round_ratio(cc["vs_base"], s, f"{s}_base") for s in SIDES}
+        goals.append({"goal": "compiled_unmerged_forward", "value": rel_c["peftfx"], "met": rel_c["peftfx"] <= 1.05,
+                      "text": f"compiled unmerged forward {rel_c['peftfx']:.3f}x the compiled base forward "
+                              f"(goal <= 1.05x; PEFT {rel_c['peft']:.3f}x)"})
         fx, pf = sum(cc["switch_frames"]["peftfx"]), sum(cc["switch_frames"]["peft"])
         goals.append({"goal": "no_recompile", "value": fx, "met": fx == 0 and cc["back_frames"]["peftfx"] == 0,
                       "text": f"graphs compiled by same-layout switches under torch.compile: peftfx {fx}, PEFT {pf} "
@@ -836,12 +883,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # -- same function on both sides -------------------------------------------------------------------
     copy_peft_lora_into_peftfx(pm, pp, args.seed)
+    # the same adapter with fusion off (passes/fuse.py not run): what fusion buys, in the same rounds
+    unfused = apply_side("peftfx", copy.deepcopy(base), args)
+    copy_peft_lora_into_peftfx(unfused, pp, args.seed)
+    unfused.fusion = False
+    unfused.eval()
     pm.eval()
     pp.eval()
     with torch.no_grad():
         logits_fx = pm(**inputs).logits
         logits_pf = pp(**inputs).logits
         logits_base = base(**inputs).logits
+        unfused_diff = float((unfused(**inputs).logits - logits_fx).abs().max())
     max_diff = float((logits_fx - logits_pf).abs().max())
     adapter_effect = float((logits_pf - logits_base).abs().max())
     log(f"check: max |logits peftfx - PEFT| = {max_diff:.2e} (adapter moves logits by up to {adapter_effect:.2e})")
@@ -861,7 +914,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 return m(**inputs)
         return run
 
-    fw = interleaved({"base": fwd(base), "peftfx": fwd(pm), "peft": fwd(pp)}, args.warmup, args.fwd_repeats)
+    fw = interleaved({"base": fwd(base), "peftfx": fwd(pm), "peft": fwd(pp), "unfused": fwd(unfused)},
+                     args.warmup, args.fwd_repeats)
     fw_off = interleaved({"peftfx": fwd_disabled(pm), "peft": fwd_disabled(pp)}, args.warmup, args.fwd_repeats)
 
     # -- train step ------------------------------------------------------------------------------------
@@ -871,9 +925,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for side in SIDES[::-1]:  # PEFT first, so peftfx's capture garbage cannot land in PEFT's cold step
         gc.collect()
         first_step[side] = timed(steps[side])
+    steps["unfused"] = make_train_step(unfused, inputs)
+    steps["floor"] = make_floor_step(base, inputs)
     tr = interleaved(steps, args.warmup, args.repeats)
     pm.eval()
     pp.eval()
+    del steps, unfused
 
     # -- many adapters: set_adapter, merge + unmerge, merged forward, mixed batches -----------------------
     log(f"adding adapters {', '.join(ADAPTERS[1:])} (same config) on both sides")
@@ -938,7 +995,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                  "peft": first_step["peft"], "ratio": first_step["peftfx"] / first_step["peft"],
                  "peftfx_text": fmt_time(first_step["peftfx"]), "peft_text": fmt_time(first_step["peft"]),
                  "ratio_text": ratio(first_step["peftfx"], first_step["peft"])})
+    rows.append(time_row("  eval forward, unmerged, fusion off (pm.fusion = False)", fw["unfused"], fw["peft"]))
     rows.append(time_row("train step (fwd+bwd+AdamW)", tr["peftfx"], tr["peft"]))
+    rows.append(time_row("  train step, fusion off", tr["unfused"], tr["peft"]))
+    floor = statistics.median(tr["floor"])
+    rows.append({"metric": "  floor: frozen base fwd+bwd, no adapter (same rounds)", "unit": "s", "peftfx": floor,
+                 "peft": floor, "ratio": None, "peftfx_samples": tr["floor"], "peftfx_iqr": quartiles(tr["floor"]),
+                 "peftfx_text": fmt_time(floor), "peft_text": "(same model)", "ratio_text": "-"})
+    over = {s: statistics.median(tr[s]) - floor for s in SIDES}
+    rows.append({"metric": "  train step above the floor (the adapters' cost)", "unit": "s", "peftfx": over["peftfx"],
+                 "peft": over["peft"], "ratio": over["peftfx"] / over["peft"], "peftfx_text": fmt_time(over["peftfx"]),
+                 "peft_text": fmt_time(over["peft"]), "ratio_text": ratio(over["peftfx"], over["peft"])})
     rows += state_rows(sw, mg, mx, args)
     if cc is not None:
         rows += compile_rows(cc)
@@ -984,15 +1051,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(RATIO_NOTE)
     print(f"check: max |logits peftfx - PEFT| = {max_diff:.2e} with identical non-zero LoRA weights "
           f"(the adapter moves logits by up to {adapter_effect:.2e})")
-    checks = sanity_checks(max_diff, adapter_effect, sw, mg, mx, cc)
+    checks = sanity_checks(max_diff, adapter_effect, unfused_diff, sw, mg, mx, cc)
     for name, c in checks["items"].items():
         print(f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']:.2e} (limit {c['limit']:.0e})"
               if isinstance(c["value"], float) else f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']}")
-    goals = goal_lines(sw, mg, mx, cc)
+    goals = goal_lines(sw, mg, mx, cc, fw, tr)
     print()
     print(table)
     print()
-    print("goals (issue #3):")
+    print("goals (issues #3 and #8):")
     for g in goals:
         print(f"  [{'met' if g['met'] else 'MISSED'}] {g['text']}")
     print()

@@ -202,3 +202,26 @@ def test_decode_graph_is_not_fused(load_model):
     pm.eval()
     pm(**batch())
     assert _counts(pm.graph_module, passes=("fuse",))
+
+
+def test_bf16_model_shares_the_cast_to_the_adapter_dtype(load_model):
+    """A bf16 model keeps fp32 adapters, so each A path starts with a cast of x to fp32: a group shares
+    one cast (and the matmul), and the output matches the unfused graph to bf16 precision."""
+    pm = peftfx.apply(load_model("llama").to(torch.bfloat16),
+                      peftfx.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False))
+    assert {p.dtype for p in pm.adapters.parameters()} == {torch.float32}
+    inputs = batch()
+    pm.eval()
+    outs, casts = {}, {}
+    for fusion in (False, True):
+        pm.fusion = fusion
+        with torch.no_grad():
+            outs[fusion] = pm(**inputs).logits
+        casts[fusion] = _counts(pm.graph_module)[aten.to.dtype]
+    assert outs[True].dtype == torch.bfloat16
+    # bf16 rounding: the two graphs' fp32 adapter sums round to bf16 apart by an ulp now and then
+    scale = outs[False].float().abs().max()
+    assert (outs[True].float() - outs[False].float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * scale
+    layers, sites = 3, 9
+    assert casts[False] == 2 * sites  # x to fp32 and the product back to bf16, per site
+    assert casts[True] == layers + sites  # one cast of x per group

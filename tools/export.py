@@ -130,7 +130,7 @@ def _graph(pm: PeftFxModel, adapters: list[str], merged: bool,
         lora = () if merged else tuple(store.layout(a) for a in unmerged)
         spec = VariantSpec(lora=lora, saved=saving)
         bind = () if merged else unmerged
-    gm = build_variant(capture, pm.base_model, store, spec, bind, quant)
+    gm = build_variant(capture, pm.base_model, store, spec, bind, quant, fuse=pm.fusion)  # as pm runs it
     _keep_only_what_the_graph_reads(gm)
     _drop_constant_inputs(gm, {n for n, v in named.items() if isinstance(v, torch.Tensor)})
     _plain_outputs(gm)

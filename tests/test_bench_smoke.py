@@ -59,7 +59,8 @@ def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
 
     assert result["check"]["passed"], result["check"]["items"]
     assert {g["goal"] for g in result["goals"]} == {"set_adapter", "merged_forward", "mixed_batch", "no_recompile",
-                                                   "unmerged_forward", "train_step", "compiled_unmerged_forward"}
+                                                   "unmerged_forward", "train_step", "compiled_unmerged_forward",
+                                                   "generate"}
     compiled = result["sections"]["compile"]
     assert compiled["peftfx_error_on_recompile_probe"] == "ok"
     assert sum(compiled["switch_frames"]["peftfx"]) == 0  # same-layout switches compile nothing in peftfx

@@ -640,6 +640,11 @@ def generate_rows(gen: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"metric": f"generate tok/s, {case['targets']}, batch {case['batch']} (x = peftfx/PEFT){same}",
                      "unit": "tok/s", "peftfx": fx, "peft": pf, "ratio": fx / pf,
                      "peftfx_text": f"{fx:.0f}", "peft_text": f"{pf:.0f}", "ratio_text": f"{fx / pf:.2f}x"})
+        if "compiled_tok_s" in case:
+            cx = case["compiled_tok_s"]
+            rows.append({"metric": f"  ... peftfx after pm.compile() (warm-up incl. compile {case['warmup_with_compile_s']} s)",
+                         "unit": "tok/s", "peftfx": cx, "peft": pf, "ratio": cx / pf,
+                         "peftfx_text": f"{cx:.0f}", "peft_text": f"{pf:.0f}", "ratio_text": f"{cx / pf:.2f}x"})
     return rows
 
 
@@ -741,8 +746,9 @@ def round_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
 
 
-def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: dict) -> list[dict[str, Any]]:
-    """Issue #3's and #8's goals against this run's paired figures."""
+def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: dict,
+               gen: Optional[dict] = None) -> list[dict[str, Any]]:
+    """Issues #3, #7 and #8's goals against this run's paired figures."""
     speedup = 1 / statistics.median(a / b for a, b in zip(sw["samples"]["peftfx"], sw["samples"]["peft"]))
     rel = {s: statistics.median(a / b for a, b in zip(mg["fw"][s], mg["fw"]["base"])) for s in SIDES}
     mix = {s: statistics.median(a / b for a, b in zip(mx["samples"][f"{s}_mixed"], mx["samples"][f"{s}_single"]))
@@ -777,6 +783,14 @@ def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: d
                               f"(goal: 0 for peftfx); first call after a switch "
                               f"{fmt_time(statistics.median(cc['switches']['peftfx']))} vs "
                               f"{fmt_time(statistics.median(cc['switches']['peft']))}"})
+    if gen is not None:
+        eager = [c["speedup"] for c in gen["cases"]]
+        compiled = [c["compiled_speedup"] for c in gen["cases"] if "compiled_speedup" in c]
+        best = compiled if len(compiled) == len(eager) else eager
+        text = f"generate tok/s {min(eager):.2f}-{max(eager):.2f}x PEFT's eager"
+        if compiled:
+            text += f", {min(compiled):.2f}-{max(compiled):.2f}x after pm.compile()"
+        goals.append({"goal": "generate", "value": min(best), "met": min(best) >= 1.5, "text": text + " (goal >= 1.5x)"})
     return goals
 
 
@@ -960,7 +974,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not args.no_generate:
         log("generate: greedy decoding, peftfx (static-cache decode graph, eager) vs PEFT's generate")
         from peftfx.tools.bench_generate import run as run_generate
-        gen = run_generate(quick=args.quick, threads=args.threads, new=16 if args.quick else 32, repeats=3)
+        gen = run_generate(quick=args.quick, threads=args.threads, new=16 if args.quick else 32, repeats=3,
+                           compile=not (args.quick or args.no_compile))
 
     # -- memory ------------------------------------------------------------------------------------------
     mem = None
@@ -1055,11 +1070,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for name, c in checks["items"].items():
         print(f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']:.2e} (limit {c['limit']:.0e})"
               if isinstance(c["value"], float) else f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']}")
-    goals = goal_lines(sw, mg, mx, cc, fw, tr)
+    goals = goal_lines(sw, mg, mx, cc, fw, tr, gen)
     print()
     print(table)
     print()
-    print("goals (issues #3 and #8):")
+    print("goals (issues #3, #7 and #8):")
     for g in goals:
         print(f"  [{'met' if g['met'] else 'MISSED'}] {g['text']}")
     print()

@@ -161,7 +161,7 @@ class Capturer:
         # Clones: export merges inputs that alias one tensor (labels=input_ids), which would bake the alias in.
         example = {n: _grow(v, axes.get(n, {})).clone() if isinstance(v, torch.Tensor) else v
                    for n, v in kwargs.items()}
-        with _mode(self.model, training):
+        with module_mode(self.model, training):
             program = export_dynamic(self.model, example, axes, self._max_seq())
         return Capture(signature, program, _dim_ranges(program, example))
 
@@ -259,7 +259,9 @@ def _keyword_forward(model: torch.nn.Module, names: list[str]):
 
 
 @contextlib.contextmanager
-def _mode(model: torch.nn.Module, training: bool):
+def module_mode(model: torch.nn.Module, training: bool):
+    """Run the block with `model` in train (True) or eval (False) mode, then restore its mode:
+    capturing must not change the user's model."""
     was_training = model.training
     model.train(training)
     try:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .capture import MAX_BATCH, Capture, Signature, _mode
+from .capture import MAX_BATCH, Capture, Signature, module_mode
 from .errors import CaptureError, ConfigError
 from .prompt_config import PrefixTuningConfig
 from .state import VariantSpec
@@ -138,7 +138,7 @@ def decode_capture(pm: Any, source: str) -> Capture:
     shapes = dict(tokens={0: b, 1: t}, attention_mask={0: b, 1: c}, position_ids={0: b, 1: t}, cache_length=None,
                   keys=per_layer, values=list(per_layer))
     try:
-        with _mode(model, False):
+        with module_mode(model, False):
             program = torch.export.export(DecodeStep(model, source), (), example, dynamic_shapes=shapes, strict=False)
     except CaptureError:
         raise

@@ -57,7 +57,7 @@ def test_fused_matches_peft_and_unfused(load_model, tmp_path, name, targets):
     ref, pm = twin_models(load_model, name, {"default": dict(r=4, lora_alpha=8, target_modules=targets)}, tmp_path)
     for p in pm.parameters():
         p.requires_grad_(False)
-    for n, p in pm.adapters.named_parameters():
+    for p in pm.adapters.parameters():
         p.requires_grad_(True)
     inputs = batch()
     with torch.no_grad():

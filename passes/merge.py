@@ -51,51 +51,46 @@ def merge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str], 
     updates = []
     for adapter in adapters:
         for slot in store.lora.get(adapter, {}).values():
-            weight = _current(weights, quant, slot.weight_path)
             delta = delta_weight(store, adapter, slot)
             if safe_merge:
-                merged = weight.detach().to(delta.dtype) + delta
+                merged = _current(weights, quant, slot.weight_path).detach().to(delta.dtype) + delta
                 if not torch.isfinite(merged).all():
                     raise UnsafeMergeError(
                         f"merging adapter {adapter!r} into {slot.key!r} gives NaN/Inf; the adapter weights are "
                         "broken (check training), so no weight was changed.")
-            updates.append((slot.weight_path, weight, delta))
-    _apply_updates(updates, quant, "merging into")
+            updates.append((slot.weight_path, delta))
+    _apply_updates(updates, weights, quant, "merging into")
 
 
 def unmerge(model: torch.nn.Module, store: AdapterStore, adapters: Iterable[str],
             quant: Optional[QuantStore] = None) -> None:
     """Subtract what merge added (in reverse order, so mixed merges unwind exactly; on a quantized base,
     up to the rounding of requantizing)."""
-    weights = _weights(model)
-    updates = []
-    for adapter in reversed(list(adapters)):
-        for slot in store.lora.get(adapter, {}).values():
-            updates.append((slot.weight_path, None, -delta_weight(store, adapter, slot)))
-    _apply_updates(updates, quant, "unmerging from", weights)
+    updates = [(slot.weight_path, -delta_weight(store, adapter, slot))
+               for adapter in reversed(list(adapters)) for slot in store.lora.get(adapter, {}).values()]
+    _apply_updates(updates, _weights(model), quant, "unmerging from")
+
+
+def _quantized(quant: Optional[QuantStore], path: str) -> bool:
+    return quant is not None and quant.holds(path)
 
 
 def _current(weights: dict[str, torch.Tensor], quant: Optional[QuantStore], path: str) -> torch.Tensor:
     """The weight as it is now: dequantized when it lives in the quant store."""
-    if quant is not None and path in quant.paths.values():
-        return quant.get(path).dequantize()
-    return weights[path]
+    return quant.get(path).dequantize() if _quantized(quant, path) else weights[path]
 
 
-def _apply_updates(updates, quant: Optional[QuantStore], what: str,
-                   weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+def _apply_updates(updates: list[tuple[str, torch.Tensor]], weights: dict[str, torch.Tensor],
+                   quant: Optional[QuantStore], what: str) -> None:
     """Add each delta in place; quantized weights are summed per path, then requantized once each."""
     quantized: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for path, weight, delta in updates:
-            if quant is not None and path in quant.paths.values():
-                base = quantized.get(path)
-                if base is None:
-                    base = quant.get(path).dequantize()
+        for path, delta in updates:
+            if _quantized(quant, path):
+                base = quantized[path] if path in quantized else quant.get(path).dequantize()
                 quantized[path] = base + delta.to(base.dtype)
             else:
-                target = weight if weight is not None else weights[path]
-                target.add_(delta.to(target.dtype))
+                weights[path].add_(delta.to(weights[path].dtype))
     if quantized:
         warn_requantize(what)
         for path, merged in quantized.items():

@@ -82,7 +82,7 @@ def _reads_hollow_copy(node: fx.Node, ctx: PassContext) -> bool:
     if ".modules_to_save." not in node.target or not node.target.endswith(".weight"):
         return False
     module = node.target[len(MOUNT) + 1:].split(".modules_to_save.")[0]
-    return f"{module}.weight" in ctx.quant.paths.values()
+    return ctx.quant.holds(f"{module}.weight")
 
 
 def _refuse_copy(node: fx.Node, ctx: PassContext, b: Builder) -> None:

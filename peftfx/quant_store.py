@@ -160,6 +160,10 @@ class QuantStore(nn.Module):
     def get(self, weight_path: str) -> nn.Module:
         return self._modules[self.module_path(weight_path)]
 
+    def holds(self, weight_path: str) -> bool:
+        """Whether the weight at this path is stored here (quantized)."""
+        return self.module_path(weight_path) in self._modules
+
     def path_of(self, parameter: torch.Tensor) -> Optional[str]:
         return self.paths.get(id(parameter))
 

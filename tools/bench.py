@@ -600,9 +600,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(header), sep] + [line(b) for b in body])
 
 
+def round_ratio(num: list[float], den: list[float]) -> float:
+    """Median over interleaved rounds of num / den timed in the same round."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
 def time_row(metric: str, fx: list[float], pf: list[float], unit: str = "s") -> dict[str, Any]:
     mfx, mpf = statistics.median(fx), statistics.median(pf)
-    paired = statistics.median(a / b for a, b in zip(fx, pf))
+    paired = round_ratio(fx, pf)
     return {"metric": metric, "unit": unit, "peftfx": mfx, "peft": mpf, "ratio": paired,
             "ratio_of_medians": mfx / mpf, "paired_ratio": paired,
             "peftfx_samples": fx, "peft_samples": pf,
@@ -660,7 +665,7 @@ def cold_row(metric: str, fx: float, pf: float) -> dict[str, Any]:
 
 def relative_row(metric: str, samples: dict[str, list[float]], sides: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Per side, the median over rounds of (time of one call / time of its reference call in the same round)."""
-    rel = {s: statistics.median(a / b for a, b in zip(samples[num], samples[den])) for s, (num, den) in sides.items()}
+    rel = {s: round_ratio(samples[num], samples[den]) for s, (num, den) in sides.items()}
     return {"metric": metric, "unit": "ratio", "peftfx": rel["peftfx"], "peft": rel["peft"], "ratio": None,
             "peftfx_text": f"{rel['peftfx']:.3f}x", "peft_text": f"{rel['peft']:.3f}x", "ratio_text": ""}
 
@@ -741,18 +746,12 @@ def sanity_checks(max_diff: float, effect: float, unfused_diff: float, sw: dict,
     return {"passed": all(c["ok"] for c in out.values()), "items": out}
 
 
-def round_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over interleaved rounds of samples[num] / samples[den] in the same round."""
-    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
-
-
 def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: dict,
                gen: Optional[dict] = None) -> list[dict[str, Any]]:
     """Issues #3, #7 and #8's goals against this run's paired figures."""
-    speedup = 1 / statistics.median(a / b for a, b in zip(sw["samples"]["peftfx"], sw["samples"]["peft"]))
-    rel = {s: statistics.median(a / b for a, b in zip(mg["fw"][s], mg["fw"]["base"])) for s in SIDES}
-    mix = {s: statistics.median(a / b for a, b in zip(mx["samples"][f"{s}_mixed"], mx["samples"][f"{s}_single"]))
-           for s in SIDES}
+    speedup = 1 / round_ratio(sw["samples"]["peftfx"], sw["samples"]["peft"])
+    rel = {s: round_ratio(mg["fw"][s], mg["fw"]["base"]) for s in SIDES}
+    mix = {s: round_ratio(mx["samples"][f"{s}_mixed"], mx["samples"][f"{s}_single"]) for s in SIDES}
     goals = [
         {"goal": "set_adapter", "value": speedup, "met": speedup >= 20,
          "text": f"set_adapter (with bind) {speedup:.0f}x faster than PEFT's (goal >= 20x)"},
@@ -762,8 +761,8 @@ def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: d
          "text": f"mixed 4-adapter batch {mix['peftfx']:.2f}x a single-adapter batch (goal <= 1.3x; "
                  f"PEFT {mix['peft']:.2f}x, allowed 2x)"},
     ]
-    eager = {s: round_ratio(fw, s, "base") for s in ("peftfx", "peft", "unfused")}
-    train = {s: round_ratio(tr, s, "peft") for s in ("peftfx", "unfused", "floor")}
+    eager = {s: round_ratio(fw[s], fw["base"]) for s in ("peftfx", "peft", "unfused")}
+    train = {s: round_ratio(tr[s], tr["peft"]) for s in ("peftfx", "unfused", "floor")}
     goals += [
         {"goal": "unmerged_forward", "value": eager["peftfx"], "met": eager["peftfx"] <= 1.10,
          "text": f"unmerged eager forward {eager['peftfx']:.3f}x the base forward (goal <= 1.10x; fusion off "
@@ -773,7 +772,7 @@ def goal_lines(sw: dict, mg: dict, mx: dict, cc: Optional[dict], fw: dict, tr: d
                  f"the frozen base alone, no adapter: {train['floor']:.3f}x)"},
     ]
     if cc is not None:
-        rel_c = {s: round_ratio(cc["vs_base"], s, f"{s}_base") for s in SIDES}
+        rel_c = {s: round_ratio(cc["vs_base"][s], cc["vs_base"][f"{s}_base"]) for s in SIDES}
         goals.append({"goal": "compiled_unmerged_forward", "value": rel_c["peftfx"], "met": rel_c["peftfx"] <= 1.05,
                       "text": f"compiled unmerged forward {rel_c['peftfx']:.3f}x the compiled base forward "
                               f"(goal <= 1.05x; PEFT {rel_c['peft']:.3f}x)"})
@@ -1002,7 +1001,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         time_row("eval forward, unmerged LoRA", fw["peftfx"], fw["peft"]),
     ]
     # each round of the 3-way interleave timed base, peftfx and PEFT back to back: pair within rounds
-    rel = {s: statistics.median(a / b for a, b in zip(fw[s], fw["base"])) for s in SIDES}
+    rel = {s: round_ratio(fw[s], fw["base"]) for s in SIDES}
     rows.append({"metric": "  ... relative to plain base forward", "unit": "ratio", "peftfx": rel["peftfx"],
                  "peft": rel["peft"], "ratio": None,
                  "peftfx_text": f"{rel['peftfx']:.2f}x", "peft_text": f"{rel['peft']:.2f}x", "ratio_text": ""})

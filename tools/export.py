@@ -115,7 +115,7 @@ def _graph(pm: PeftFxModel, adapters: list[str], merged: bool,
     prompt = [a for a in adapters if a in store.prompts]
     if prompt and len(adapters) > 1:
         raise ExportError("a prompt-learning adapter exports alone; pass adapter_names=[one adapter].")
-    quant = pm._variants.quant
+    quant = pm.quant
     if merged and quant is not None and any(store.lora.get(a) for a in adapters):
         raise ExportError("merged export onto a quantized base is not supported (folding would requantize); "
                           "export with merged=False, or merge_and_unload(dequantize=True) and apply peftfx "

@@ -14,10 +14,11 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import fx
 
-from peftfx.passes import fuse, inline_grad_regions, lora, modules_to_save, prefix, prompt, quantize
+from peftfx.passes import fuse, inline_grad_regions, lora, modules_to_save, prefix, prompt, quantize, simplify
 from peftfx.passes.context import PassContext
 
 from .adapters import MOUNT, AdapterStore
+from .bindings import eager_forward
 from .capture import Capture
 from .graph_inputs import add_keyword_input
 from .quant_store import QUANT_MOUNT
@@ -29,8 +30,9 @@ from .slots import SLOTS, SlotBank
 # Every variant, the base one included, gets its no-grad regions inlined (one compiled graph, no break).
 # prompt/prefix rewrite the graph's inputs and attention before any weight-level pass.
 # quantize swaps the base linear under LoRA's added path (and finds nothing without a quant store).
-# fuse runs last: it only rewrites the nodes lora inserted, into fewer kernels.
-PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora, quantize, fuse)
+# fuse only rewrites the nodes lora inserted, into fewer kernels.
+# simplify runs last, on what export recorded (never on inserted nodes): it cannot hide a pattern from the others.
+PIPELINE = (inline_grad_regions, prompt, prefix, modules_to_save, lora, quantize, fuse, simplify)
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" rows in adapter_names
 
 
@@ -79,6 +81,7 @@ class VariantCache:
 
     `compile_options`, when set, wraps each variant in torch.compile once; a variant serves every
     adapter of its layout through its slot bank, so switching such adapters compiles nothing new.
+    Without it a variant runs eagerly through direct torch bindings (peftfx/bindings.py).
     `fusion` says whether variants are built with passes/fuse.py (changing it needs `clear()`); a
     capture can opt out (`Capture.fuse_lora`, decode graphs).
     """
@@ -98,7 +101,7 @@ class VariantCache:
         if entry is None:
             self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, store.version)}
             gm = build_variant(capture, model, store, spec, bind, self.quant, self.fusion and capture.fuse_lora)
-            run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else gm
+            run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else eager_forward(gm)
             entry = self._variants[key] = (gm, run)
         elif spec.lora:
             getattr(entry[0], SLOTS).bind(store, bind)

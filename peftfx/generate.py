@@ -152,7 +152,7 @@ def decode_capture(pm: Any, source: str) -> Capture:
         raise CaptureError(f"could not capture a static-cache decode graph of {type(model).__name__}: {exc}") from exc
     _strip_wrapper(program)
     _drop_metadata_asserts(program)
-    capture = Capture(signature, program, fuse_lora=False)
+    capture = Capture(signature, program, fuse_eager=False)
     pm._capturer.captures[signature] = [capture]
     return capture
 

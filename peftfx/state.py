@@ -83,7 +83,7 @@ class VariantCache:
     adapter of its layout through its slot bank, so switching such adapters compiles nothing new.
     Without it a variant runs eagerly through direct torch bindings (peftfx/bindings.py).
     `fusion` says whether variants are built with passes/fuse.py (changing it needs `clear()`); a
-    capture can opt out (`Capture.fuse_lora`, decode graphs).
+    capture can opt out of it when run eagerly (`Capture.fuse_eager`, decode graphs).
     """
 
     def __init__(self) -> None:
@@ -100,7 +100,8 @@ class VariantCache:
         entry = self._variants.get(key)
         if entry is None:
             self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, store.version)}
-            gm = build_variant(capture, model, store, spec, bind, self.quant, self.fusion and capture.fuse_lora)
+            fuse = self.fusion and (capture.fuse_eager or self.compile_options is not None)
+            gm = build_variant(capture, model, store, spec, bind, self.quant, fuse)
             run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else eager_forward(gm)
             entry = self._variants[key] = (gm, run)
         elif spec.lora:

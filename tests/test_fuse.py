@@ -191,17 +191,21 @@ def test_shared_dropout_still_drops(load_model):
     assert not torch.allclose(first, eval_out) and not torch.allclose(first, second)
 
 
-def test_decode_graph_is_not_fused(load_model):
-    """generate's decode graph runs one token per row, where the group's cat and views cost more than
-    the matmuls they save: its variants are built without passes/fuse.py."""
+def test_decode_graph_is_fused_only_when_compiled(load_model):
+    """generate's decode graph runs one token per row, where eagerly the group's cat and views cost more
+    than the matmuls they save: its eager variants are built without passes/fuse.py, its compiled ones
+    with it (tests/test_generate.py's slow test checks compiled tokens against PEFT's)."""
     from peftfx.generate import decode_capture
     pm = peftfx.apply(load_model("llama"), peftfx.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     pm.generate(batch(b=1, s=4, pad=False)["input_ids"], max_new_tokens=2)
-    decode_graph = pm._variant(decode_capture(pm, "input_ids"))[0]
+    capture = decode_capture(pm, "input_ids")
+    decode_graph = pm._variant(capture)[0]
     assert _counts(decode_graph, passes=("lora",)) and not _counts(decode_graph, passes=("fuse",))
     pm.eval()
     pm(**batch())
     assert _counts(pm.graph_module, passes=("fuse",))
+    pm.compile()  # drops the variants; building one wraps it in torch.compile but compiles nothing yet
+    assert _counts(pm._variant(capture)[0], passes=("fuse",))
 
 
 def test_bf16_model_shares_the_cast_to_the_adapter_dtype(load_model):

@@ -17,6 +17,7 @@ entries before the prefill. Positions and masks follow HF PEFT's `generate` exac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Optional, Sequence, Union
 
@@ -34,7 +35,7 @@ DECODE_MARK = "peftfx-decode"  # marks decode captures among a Capturer's forwar
 WRAPPER_PREFIX = "model"  # DecodeStep's attribute holding the user's model
 SOURCES = ("input_ids", "inputs_embeds")
 SUPPORTED = ("input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-             "eos_token_id", "pad_token_id", "generator", "seed")
+             "eos_token_id", "pad_token_id", "generator", "seed", "adapter_names")
 
 
 class DecodeStep(nn.Module):
@@ -263,11 +264,12 @@ def generate(pm: Any, input_ids: Optional[torch.Tensor] = None, attention_mask: 
              max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, seed: Optional[int] = None, **unsupported: Any
-             ) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+             adapter_names: Optional[Sequence[str]] = None, **unsupported: Any) -> torch.Tensor:
     """Prompt ids [B, L] (left-padded, with their mask) -> ids [B, L + new], as transformers' generate
     returns them: rows that hit an eos continue with pad, and the loop stops when all rows have.
-    Runs the active adapters in eval mode (no dropout). `generator` or `seed` makes sampling reproducible."""
+    Runs the active adapters in eval mode (no dropout). `generator` or `seed` makes sampling reproducible.
+    `adapter_names` (one LoRA adapter name or "__base__" per row) decodes a mixed batch, as in PEFT."""
     if unsupported:
         raise ConfigError(f"generate does not support {sorted(unsupported)}; supported arguments: {list(SUPPORTED)}.")
     if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -303,7 +305,8 @@ def generate(pm: Any, input_ids: Optional[torch.Tensor] = None, attention_mask: 
     if max_new_tokens == 0:
         return input_ids
     with torch.no_grad():
-        return _decode(pm, input_ids, attention_mask.long(), max_new_tokens, sampling, eos, pad, generator)
+        return _decode(pm, input_ids, attention_mask.long(), max_new_tokens, sampling, eos, pad, generator,
+                       adapter_names)
 
 
 def _default_mask(input_ids: torch.Tensor, pad: Optional[int], eos: Optional[list[int]]) -> torch.Tensor:
@@ -313,14 +316,28 @@ def _default_mask(input_ids: torch.Tensor, pad: Optional[int], eos: Optional[lis
     return torch.ones_like(input_ids)
 
 
+def _step_function(pm: Any, capture: Capture, spec: Optional[VariantSpec], ids: torch.Tensor,
+                   adapter_names: Optional[Sequence[str]]):
+    """The decode variant to run: the active adapters' (as a forward call picks it), the prompt-learning
+    adapter's, or a mixed batch's with its per-row adapter index bound."""
+    if adapter_names is not None:
+        if spec is not None:
+            raise ConfigError("adapter_names (mixed batches) works with LoRA adapters only.")
+        mixed, row_index = pm._mixed_spec(adapter_names, {"input_ids": ids}, capture)
+        if not pm._disabled:  # PEFT: disabled adapters win over adapter_names
+            _, run = pm._variants.get(capture, pm.base_model, pm.adapters, mixed)
+            return functools.partial(run, **{mixed.row_input: row_index})
+    if spec is None:
+        return pm._variant(capture)[1]
+    return pm._variants.get(capture, pm.base_model, pm.adapters, spec)[1]
+
+
 def _decode(pm: Any, ids: torch.Tensor, mask: torch.Tensor, new: int, sampling: Sampling,
-            eos: Optional[list[int]], pad: Optional[int], generator: Optional[torch.Generator]) -> torch.Tensor:
+            eos: Optional[list[int]], pad: Optional[int], generator: Optional[torch.Generator],
+            adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
     plan, spec = _plan(pm)
     capture = decode_capture(pm, plan.source)
-    if spec is None:
-        _, run = pm._variant(capture)
-    else:
-        _, run = pm._variants.get(capture, pm.base_model, pm.adapters, spec)
+    run = _step_function(pm, capture, spec, ids, adapter_names)
     batch, length = ids.shape
     p = plan.virtual
     size = p + length + new

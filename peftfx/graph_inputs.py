@@ -10,9 +10,15 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 
-def _set_keys(gm: fx.GraphModule, keys: list[str], orig_args: list[str]) -> None:
+def _keyword_structure(gm: fx.GraphModule) -> dict:
+    """The keyword inputs as the spec nests them, with 0 for every tensor (a list input stays a list)."""
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    return pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec)[1]
+
+
+def _set_inputs(gm: fx.GraphModule, structure: dict, orig_args: list[str]) -> None:
     codegen = gm.graph._codegen
-    _, in_spec = pytree.tree_flatten(((), {k: 0 for k in keys}))
+    _, in_spec = pytree.tree_flatten(((), structure))
     codegen.pytree_info = codegen.pytree_info._replace(orig_args=orig_args, in_spec=in_spec)
     gm._in_spec = in_spec
 
@@ -22,31 +28,31 @@ def keyword_inputs(gm: fx.GraphModule) -> list[str]:
 
 
 def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
-    """The placeholder of keyword input `name` (inputs flatten in key order, one leaf each)."""
-    keys = keyword_inputs(gm)
+    """The placeholder of keyword input `name`, a single tensor (inputs flatten in key order)."""
+    structure = _keyword_structure(gm)
+    before = sum(len(pytree.tree_leaves(structure[key])) for key in list(structure)[:list(structure).index(name)])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return placeholders[keys.index(name)]
+    return placeholders[before]
 
 
 def add_keyword_input(gm: fx.GraphModule, name: str) -> fx.Node:
-    """Append a keyword input; returns its placeholder."""
+    """Append a keyword input (one tensor); returns its placeholder."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.placeholder(name)
     info = gm.graph._codegen.pytree_info
-    _set_keys(gm, keyword_inputs(gm) + [name], list(info.orig_args) + [name])
+    _set_inputs(gm, {**_keyword_structure(gm), name: 0}, list(info.orig_args) + [name])
     return node
 
 
 def remove_keyword_input(gm: fx.GraphModule, name: str) -> None:
-    """Drop a keyword input whose placeholder no longer has users."""
+    """Drop a keyword input (one tensor) whose placeholder no longer has users."""
     node = placeholder(gm, name)
     if node.users:
         raise ValueError(f"input {name!r} is still read by {list(node.users)}")
-    keys = keyword_inputs(gm)
+    structure = _keyword_structure(gm)
     orig_args = list(gm.graph._codegen.pytree_info.orig_args)
-    index = keys.index(name)
+    del orig_args[list(structure).index(name)]
+    del structure[name]
     gm.graph.erase_node(node)
-    del orig_args[index]
-    keys.remove(name)
-    _set_keys(gm, keys, orig_args)
+    _set_inputs(gm, structure, orig_args)

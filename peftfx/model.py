@@ -67,7 +67,8 @@ class PeftFxModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Decode with the active adapters through a static-KV-cache decode graph (peftfx/generate.py);
         arguments as transformers' generate: input_ids, attention_mask, max_new_tokens, do_sample,
-        temperature, top_k, top_p, eos_token_id, pad_token_id (plus generator or seed)."""
+        temperature, top_k, top_p, eos_token_id, pad_token_id (plus generator or seed), and PEFT's
+        adapter_names for a mixed batch."""
         from .generate import generate
         return generate(self, *args, **kwargs)
 

@@ -85,6 +85,22 @@ def test_lora_switch_disable_merge_match_peft(lora_twins):
     assert _decode_captures(pm) == 1  # every batch size, prompt length and state used one capture
 
 
+def test_mixed_adapter_batch_matches_peft(lora_twins):
+    """adapter_names: one decode graph serves rows of different adapters (and the base), as PEFT's
+    generate(adapter_names=...) does."""
+    name, ref, pm = lora_twins
+    ref.set_adapter("default"), pm.set_adapter("default")
+    padded = batch(3, 7, seed=4)
+    names = ["b", "__base__", "default"]
+    got = pm.generate(**padded, max_new_tokens=NEW, adapter_names=names)
+    assert torch.equal(got, _peft_generate(ref, **padded, adapter_names=names))
+    assert not torch.equal(got, pm.generate(**padded, max_new_tokens=NEW))  # the rows really differ
+    with pytest.raises(peftfx.ConfigError, match="adapter_names has 2 entries"):
+        pm.generate(**padded, adapter_names=["b", "default"])
+    with pytest.raises(peftfx.ConfigError, match="unknown adapter"):
+        pm.generate(**padded, adapter_names=["b", "nope", "default"])
+
+
 def test_eos_rows_continue_with_pad_and_stop(lora_twins):
     name, ref, pm = lora_twins
     ref.set_adapter("default"), pm.set_adapter("default")

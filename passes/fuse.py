@@ -23,13 +23,12 @@ switching, training and saving are unaffected and gradients reach A and B as bef
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import fx
 
-from peftfx.rewrite import Builder, Rule
+from peftfx.rewrite import Builder, Rule, read_tensor
 from peftfx.select import META_KEY
 
 from .context import PassContext
@@ -46,19 +45,10 @@ def _lora_op(node, ops: tuple) -> bool:
             and node.meta.get(META_KEY, {}).get("pass") == LORA_PASS)
 
 
-def _read(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
-
-
-def _tensor(node: fx.Node) -> torch.Tensor:
-    """The tensor a get_attr node reads."""
-    return functools.reduce(getattr, node.target.split("."), node.graph.owning_module)
-
-
 def _adapter_linear(node) -> bool:
     """linear(h, W) from the lora pass: no bias, W read by get_attr (A or B of a slot)."""
     return (_lora_op(node, (aten.linear.default,)) and len(node.args) == 2 and not node.kwargs
-            and _read(node.args[1]))
+            and read_tensor(node.args[1]) is not None)
 
 
 # -- shared_input ------------------------------------------------------------------------------------
@@ -109,7 +99,7 @@ def _fuse_shared_input(x: fx.Node, ctx: PassContext, b: Builder) -> None:
         h = b.call(aten.linear.default, h, b.call(aten.cat.default, weights))
         start = 0
         for member in members:
-            rank = _tensor(member.args[1]).shape[0]
+            rank = read_tensor(member.args[1]).shape[0]
             member.replace_all_uses_with(_as_member(b, member).call(aten.slice.Tensor, h, -1, start, start + rank))
             start += rank
             _erase_path(member, x)
@@ -139,7 +129,9 @@ def _scaled(node: fx.Node) -> bool:
     if not _lora_op(node, (aten.mul.Tensor,)):
         return False
     product, scale = node.args
-    return _adapter_linear(product) and len(product.users) == 1 and _read(scale) and _tensor(scale).numel() == 1
+    scale_tensor = read_tensor(scale)
+    return (_adapter_linear(product) and len(product.users) == 1 and scale_tensor is not None
+            and scale_tensor.numel() == 1)
 
 
 def _folds(node: fx.Node, ctx: PassContext) -> bool:

@@ -35,7 +35,7 @@ from peftfx.errors import ConfigError, TargetNotFoundError
 from peftfx.quant_config import QuantConfig, as_quant_config, require_bitsandbytes
 from peftfx.quant_store import (NESTED_BLOCKSIZE, QUANT_MOUNT, QuantStore, Weight4bit, Weight8bit, hollow,
                                 storage_bytes)
-from peftfx.rewrite import Builder, Rule
+from peftfx.rewrite import Builder, Rule, read_tensor
 from peftfx.select import linear_sites, output_head_path
 
 from .context import PassContext
@@ -47,21 +47,10 @@ MAX_NUMEL = 2 ** 31 - 1  # bitsandbytes' kernels index packed weights with 32-bi
 
 # -- the graph rules ---------------------------------------------------------------------------------
 
-def _tensor(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    value: Any = gm
-    for part in node.target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _quantized_path(node: fx.Node, ctx: PassContext) -> Optional[str]:
     if ctx.quant is None or node.op != "call_function" or node.target != aten.linear.default:
         return None
-    weight = _tensor(node.graph.owning_module, node.args[1])
+    weight = read_tensor(node.args[1])
     return ctx.quant.path_of(weight) if weight is not None else None
 
 
@@ -108,7 +97,7 @@ def _site(node: fx.Node, ctx: PassContext, b: Builder) -> _Site:
     weight = ctx.quant.get(path)
     x, bias = node.args[0], (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
     x_dtype = x.meta["val"].dtype if "val" in x.meta else weight.dtype
-    bias_tensor = _tensor(b.gm, bias)
+    bias_tensor = read_tensor(bias)
     return _Site(weight, f"{QUANT_MOUNT}.{QuantStore.module_path(path)}", x, bias, x_dtype,
                  bias_tensor.dtype if bias_tensor is not None else None)
 

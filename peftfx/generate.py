@@ -60,14 +60,11 @@ class DecodeStep(nn.Module):
             layer.batch_size, layer.num_heads, layer.max_cache_len, layer.k_head_dim = k.shape
             layer.v_head_dim = v.shape[-1]
             layer.is_initialized = True
-        last_only = {"logits_to_keep": 1} if _takes(self.model, "logits_to_keep") else {}  # as transformers' generate
+        takes = inspect.signature(self.model.forward).parameters
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # as transformers' generate
         out = self.model(**{self.source: tokens}, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, **last_only)
         return out.logits[:, -1]
-
-
-def _takes(model: nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
 
 
 # -- capture ------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def keyword_inputs(gm: fx.GraphModule) -> list[str]:
 def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
     """The placeholder of keyword input `name`, a single tensor (inputs flatten in key order)."""
     structure = _keyword_structure(gm)
-    before = sum(len(pytree.tree_leaves(structure[key])) for key in list(structure)[:list(structure).index(name)])
+    keys = list(structure)
+    before = sum(len(pytree.tree_leaves(structure[key])) for key in keys[:keys.index(name)])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return placeholders[before]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
 from torch import fx
 
 from .select import META_KEY
@@ -62,6 +63,18 @@ class Builder:
         """Point every user of `old` at `new`, except the nodes this builder created from `old`."""
         mine = set(self.created)
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in mine)
+
+
+def read_tensor(node: Any) -> Optional[torch.Tensor]:
+    """The tensor a `get_attr` node reads from its graph's module (None for any other node)."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    value: Any = node.graph.owning_module
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def run_pass(gm: fx.GraphModule, rules: tuple[Rule, ...], ctx: Any, pass_name: str) -> int:

@@ -638,18 +638,18 @@ def qlora_table_rows(ql: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def generate_rows(gen: dict[str, Any]) -> list[dict[str, Any]]:
     """tokens/s per case (higher is better, so the ratio column is peftfx / PEFT throughput)."""
+    def row(metric: str, fx: float, pf: float) -> dict[str, Any]:
+        return {"metric": metric, "unit": "tok/s", "peftfx": fx, "peft": pf, "ratio": fx / pf,
+                "peftfx_text": f"{fx:.0f}", "peft_text": f"{pf:.0f}", "ratio_text": f"{fx / pf:.2f}x"}
+
     rows = []
     for case in gen["cases"]:
-        fx, pf = case["peftfx_tok_s"], case["peft_tok_s"]
         same = "" if case["same_tokens"] else " (TOKENS DIFFER)"
-        rows.append({"metric": f"generate tok/s, {case['targets']}, batch {case['batch']} (x = peftfx/PEFT){same}",
-                     "unit": "tok/s", "peftfx": fx, "peft": pf, "ratio": fx / pf,
-                     "peftfx_text": f"{fx:.0f}", "peft_text": f"{pf:.0f}", "ratio_text": f"{fx / pf:.2f}x"})
+        rows.append(row(f"generate tok/s, {case['targets']}, batch {case['batch']} (x = peftfx/PEFT){same}",
+                        case["peftfx_tok_s"], case["peft_tok_s"]))
         if "compiled_tok_s" in case:
-            cx = case["compiled_tok_s"]
-            rows.append({"metric": f"  ... peftfx after pm.compile() (warm-up incl. compile {case['warmup_with_compile_s']} s)",
-                         "unit": "tok/s", "peftfx": cx, "peft": pf, "ratio": cx / pf,
-                         "peftfx_text": f"{cx:.0f}", "peft_text": f"{pf:.0f}", "ratio_text": f"{cx / pf:.2f}x"})
+            rows.append(row(f"  ... peftfx after pm.compile() (warm-up incl. compile {case['warmup_with_compile_s']} s)",
+                            case["compiled_tok_s"], case["peft_tok_s"]))
     return rows
 
 

@@ -39,10 +39,24 @@ def _plain_linear(in_features: int, out_features: int, bias: Optional[nn.Paramet
 
 def _adopt_4bit(module: nn.Module) -> tuple[Weight4bit, torch.dtype]:
     packed, state = module.weight.data, module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # bnb's AVX512-BF16 inference layout: undo it
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-        packed, state = _convert_weight_packed_for_cpu_inverse(packed, state)
-    return Weight4bit.from_state(packed, state, getattr(module, "compute_dtype", None)), state.dtype
+    compute_dtype = getattr(module, "compute_dtype", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        return _adopt_cpu_packed(packed, state, compute_dtype)
+    return Weight4bit.from_state(packed, state, compute_dtype), state.dtype
+
+
+def _adopt_cpu_packed(packed: torch.Tensor, state, compute_dtype: Optional[torch.dtype]) -> tuple[Weight4bit, torch.dtype]:
+    """A layer bnb already repacked for its AVX512-BF16 kernel (an eval forward under no_grad on such a CPU
+    does that, in place). Repacking keeps the 4-bit codes but dequantizes a double-quantized absmax and
+    rounds it to bf16, stored transposed. bnb's inverse restores the codes' layout, but re-quantizes a
+    nested absmax (a second rounding) and leaves a plain one transposed, so only the codes are taken from
+    it; absmax is kept as the layer has it (bf16 values, as float32): exactly the weight bnb's kernel uses."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    absmax = state.absmax.T.reshape(-1).float()  # packed layout: (in / blocksize, out), bf16
+    packed, state = _convert_weight_packed_for_cpu_inverse(packed, state)
+    weight = Weight4bit(tuple(state.shape), state.dtype, state.blocksize, state.quant_type, compute_dtype,
+                        {"packed": packed.view(torch.uint8), "absmax": absmax})
+    return weight, state.dtype
 
 
 def _adopt_8bit(module: nn.Module, dtype: torch.dtype) -> tuple[Weight8bit, torch.dtype]:
@@ -124,5 +138,6 @@ def to_bnb_modules(model: nn.Module, store: QuantStore) -> None:
             weight.CB, weight.SCB = packed.CB, packed.SCB
             layer.weight = weight
         layer.bias = old.bias
+        layer.train(old.training)  # a fresh module is in train mode; bnb picks its CPU kernel by this flag
         _set_child(model, path, layer)
         store.remove(weight_path)

@@ -72,3 +72,18 @@ def perturb_trainable(model: torch.nn.Module, scale: float = 0.1) -> None:
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def bnb_dequantize_path(model: torch.nn.Module) -> torch.nn.Module:
+    """Pin every bitsandbytes Linear4bit in `model` to bnb's dequantize + matmul path, so a reference
+    computes the same on every CPU. With AVX512-BF16, bnb's Linear4bit in eval mode under no_grad
+    repacks its weight in place and runs a bf16 kernel instead (other numerics; it fails unless
+    in_features % blocksize == 0 and out_features % 32 == 0). bnb decides that per module: its
+    `support_avx512bf16_for_cpu` is set in `__init__` from the CPU, and read in `forward`."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            assert not getattr(state, "packing_format_for_cpu", False), "already repacked: pin before running it"
+            module.support_avx512bf16_for_cpu = False
+    return model

@@ -19,6 +19,7 @@ TIMED_ROWS = [  # metric prefixes of rows with samples on both sides
     "eval forward, 1 adapter, batch", "eval forward, mixed 4 adapters, batch",
     "compiled (1-layer model, 1 thread): first call after set_adapter(new)",
     "compiled (1-layer model, 1 thread): eval forward (warm)",
+    "QLoRA: eval forward (PEFT pinned to bnb's dequantize path)", "QLoRA: train step (fwd+bwd+AdamW)",
 ]
 OTHER_ROWS = [
     "trainable parameters", "apply, first call in process (cold)", "eval forward, plain base model (reference)",
@@ -54,10 +55,18 @@ def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
     for prefix in OTHER_ROWS:
         r = row(prefix)
         assert r["peftfx"] is not None and r["peft"] is not None, prefix
+    # peftfx vs PEFT on bnb's packed kernel: timed where this CPU has it (AVX512-BF16), else marked n/a
+    from peftfx.tools.bench_qlora import packed_kernel_on_host
+    packed = row("QLoRA: eval forward vs PEFT on bnb's packed AVX512-BF16 kernel")
+    if packed_kernel_on_host():
+        assert len(packed["peftfx_samples"]) == len(packed["peft_samples"]) > 0 and packed["paired_ratio"] > 0
+    else:
+        assert packed["peftfx"] is None and packed["peft"] is None
     relative = [r for r in result["rows"] if r["metric"].strip() == "... relative to plain base forward"]
     assert len(relative) == 2 and all(r["peftfx"] > 0 and r["peft"] > 0 for r in relative)  # unmerged, merged
 
     assert result["check"]["passed"], result["check"]["items"]
+    assert "QLoRA eager logits, peftfx vs PEFT" in result["check"]["items"]
     assert {g["goal"] for g in result["goals"]} == {"set_adapter", "merged_forward", "mixed_batch", "no_recompile",
                                                    "unmerged_forward", "train_step", "compiled_unmerged_forward",
                                                    "generate"}

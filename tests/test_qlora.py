@@ -21,7 +21,7 @@ import peftfx  # noqa: E402
 from peftfx.errors import ConfigError  # noqa: E402
 from peftfx.quant_store import is_hollow  # noqa: E402
 
-from conftest import CONFIGS, batch  # noqa: E402
+from conftest import CONFIGS, batch, bnb_dequantize_path  # noqa: E402
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
            bnb_4bit_compute_dtype=torch.float32)
@@ -30,10 +30,13 @@ LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 RTOL = 1e-4  # the acceptance bound (relative to the largest logit); the kernels are the same, so in practice 0
 
 
-def quantized(model_dirs, name: str, bits: dict) -> torch.nn.Module:
+def quantized(model_dirs, name: str, bits: dict, pin: bool = True) -> torch.nn.Module:
+    """transformers' quantized model; `pin`: its 4-bit layers run bnb's dequantize + matmul path on every
+    CPU (references must not depend on the host; peftfx adopts the layers before any of them runs)."""
     cls = CONFIGS[name][0]
-    return cls.from_pretrained(model_dirs[name], quantization_config=transformers.BitsAndBytesConfig(**bits),
-                               device_map="cpu").eval()
+    model = cls.from_pretrained(model_dirs[name], quantization_config=transformers.BitsAndBytesConfig(**bits),
+                                device_map="cpu").eval()
+    return bnb_dequantize_path(model) if pin else model
 
 
 def full_precision(model_dirs, name: str) -> torch.nn.Module:
@@ -138,6 +141,92 @@ def test_capture_keeps_transformers_bytes(model_dirs):
     assert all(not type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
+def dequantized_twin(model_dirs, model: torch.nn.Module, absmax_of=None) -> torch.nn.Module:
+    """The full-precision model with each 4-bit weight of `model` replaced by its dequantization (bnb's op):
+    dequantize-then-matmul, which no bnb kernel choice enters. `absmax_of(path, layer)` may give a layer's
+    absmax (float32, one per block) instead of the one in its state."""
+    twin = full_precision(model_dirs, "llama")
+    with torch.no_grad():
+        for path, layer in model.named_modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                state = layer.weight.quant_state
+                absmax = absmax_of(path, layer) if absmax_of else None
+                if absmax is None:
+                    weight = bnb.functional.dequantize_4bit(layer.weight.data, state)
+                else:
+                    weight = torch.ops.bitsandbytes.dequantize_4bit(layer.weight.data, absmax, state.blocksize,
+                                                                    state.quant_type, list(state.shape), state.dtype)
+                twin.get_submodule(path).weight.copy_(weight)
+    return twin
+
+
+def test_capture_does_not_depend_on_bnbs_cpu_kernel(model_dirs):
+    """transformers' 4-bit model with its layers set to take bnb's AVX512-BF16 path, as they are on such a CPU
+    (bnb's own flag, forced here so the test means the same on every CPU): peftfx adopts the layers before
+    anything runs them, so capture and the eval forward under no_grad run dequantize-then-matmul and equal it,
+    down_proj (in_features 96, which the packed kernel cannot take) included; no layer gets repacked."""
+    model = quantized(model_dirs, "llama", NF4, pin=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any(m.in_features % m.weight.quant_state.blocksize for m in layers)
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    reference = dequantized_twin(model_dirs, model)
+    pm = peftfx.apply(model, peftfx.LoraConfig(**LORA)).eval()
+    inputs = batch()
+    assert_close_rel(logits(pm, inputs), logits(reference, inputs))
+    with pm.disable_adapter():
+        assert_close_rel(logits(pm, inputs), logits(reference, inputs))
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(weight.nested for _, weight in pm.quant.items())  # adopted as transformers quantized them
+
+
+@pytest.mark.parametrize("double", [True, False], ids=["double-quant", "plain-absmax"])
+def test_adopts_layers_bnb_already_repacked(model_dirs, double):
+    """Run eagerly in eval under no_grad on an AVX512-BF16 CPU, bnb repacks each layer in place for its bf16
+    kernel: the codes re-laid, absmax (dequantized if nested) rounded to bf16. Adopted afterwards, the layers give
+    dequantize-then-matmul over the same codes and that bf16 absmax. The repacking is bnb's own function,
+    called directly so the test runs on any CPU; layers the packed kernel refuses (in_features 96) stay."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_blockwise
+    model = quantized(model_dirs, "llama", {**NF4, "bnb_4bit_use_double_quant": double}, pin=False)
+    rounded = {}
+    for path, layer in model.named_modules():
+        state = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if (isinstance(layer, bnb.nn.Linear4bit) and layer.in_features % state.blocksize == 0
+                and layer.out_features % 32 == 0):
+            absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if double else state.absmax
+            rounded[path] = absmax.to(torch.bfloat16).float()
+    reference = dequantized_twin(model_dirs, model, lambda path, layer: rounded.get(path))
+    for path in rounded:
+        layer = model.get_submodule(path)
+        layer.weight.data, _ = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    assert 0 < len(rounded) < 3 * 7
+    pm = peftfx.apply(model, peftfx.LoraConfig(**LORA)).eval()
+    inputs = batch()
+    assert_close_rel(logits(pm, inputs), logits(reference, inputs))
+    assert not pm.quant.get("model.layers.0.self_attn.q_proj.weight").nested  # packing dropped double quant
+    assert pm.quant.get("model.layers.0.mlp.down_proj.weight").nested == double  # never repacked
+
+
+@pytest.mark.parametrize("double", [True, False], ids=["double-quant", "plain-absmax"])
+def test_adopted_repacked_weight_keeps_block_order(double):
+    """Several absmax blocks per row (in_features 192, blocksize 64): the packed layout stores absmax
+    transposed, and adoption must give each block its own scale back (the Llama above has one block per row)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
+    from peftfx.bnb_capture import adopt_bnb_modules
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(192, 64, bias=False, compute_dtype=torch.float32, compress_statistics=double,
+                              quant_type="nf4").to("cpu")
+    state = layer.weight.quant_state
+    absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset if double else state.absmax
+    want = torch.ops.bitsandbytes.dequantize_4bit(layer.weight.data, absmax.to(torch.bfloat16).float(), 64, "nf4",
+                                                  [64, 192], torch.float32)
+    assert not torch.equal(want, dequantize_4bit(layer.weight.data, state))  # the bf16 rounding is visible
+    layer.weight.data, _ = _convert_weight_packed_for_cpu(layer.weight.data, state)
+    model = torch.nn.Sequential(layer)
+    store = adopt_bnb_modules(model)
+    assert torch.equal(store.get("0.weight").dequantize(), want)
+
+
 def test_merge_requantizes_like_peft(model_dirs, tmp_path):
     """merge_adapter on a 4-bit base: dequantize, add, requantize (a warning says so). PEFT's bnb merge
     does the same; the merged logits agree with PEFT's, and the change against the unmerged adapter
@@ -190,7 +279,8 @@ def test_unload_gives_bitsandbytes_layers(model_dirs, tmp_path):
         warnings.simplefilter("ignore")
         model = pm.unload()
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    assert torch.equal(logits(model, inputs), base)
+    assert not any(m.training for m in model.modules())  # the user's eval model comes back in eval mode
+    assert torch.equal(logits(bnb_dequantize_path(model), inputs), base)
 
 
 def test_merge_and_unload_quantized(model_dirs, tmp_path):
@@ -204,7 +294,7 @@ def test_merge_and_unload_quantized(model_dirs, tmp_path):
         merged = logits(pm, inputs)
         model = pm.merge_and_unload()
     assert isinstance(model.model.layers[1].mlp.down_proj, bnb.nn.Linear4bit)
-    assert torch.equal(logits(model, inputs), merged)
+    assert torch.equal(logits(bnb_dequantize_path(model), inputs), merged)
 
 
 def test_modules_to_save_on_quantized_module_is_refused(model_dirs):

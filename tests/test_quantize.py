@@ -15,6 +15,8 @@ from peftfx.passes.quantize import check_quantizable  # noqa: E402
 from peftfx.quant_config import MissingDependencyError, QuantConfig, as_quant_config, require_bitsandbytes  # noqa: E402
 from peftfx.quant_store import is_hollow, storage_bytes  # noqa: E402
 
+from conftest import bnb_dequantize_path  # noqa: E402
+
 
 class Mlp(nn.Module):
     """Two linears (one without bias, one with an odd input width) and a head."""
@@ -29,16 +31,17 @@ class Mlp(nn.Module):
         return self.head(torch.relu(self.down(torch.relu(self.up(x)))))
 
 
-def _bnb_twin(model: Mlp, make_layer) -> Mlp:
-    """The same model with `up` and `down` replaced by bitsandbytes layers quantized from the same weights."""
-    twin = Mlp()
+def _bnb_twin(model: Mlp, make_layer, dtype=torch.float32) -> Mlp:
+    """The same model with `up` and `down` replaced by bitsandbytes layers quantized from the same weights,
+    pinned to bnb's dequantize + matmul path (the one the quantize pass runs) on every CPU."""
+    twin = Mlp(dtype)
     twin.load_state_dict(model.state_dict())
     for name in ("up", "down"):
         fp = getattr(model, name)
         layer = make_layer(fp.in_features, fp.out_features, fp.bias is not None)
         layer.load_state_dict(fp.state_dict())
         setattr(twin, name, layer.to("cpu"))  # .to(device) is where bitsandbytes quantizes
-    return twin
+    return bnb_dequantize_path(twin)
 
 
 CASES_4BIT = [("nf4", False, 64), ("nf4", True, 64), ("fp4", False, 128), ("fp4", True, 64), ("nf4", True, 256)]
@@ -81,13 +84,7 @@ def test_4bit_compute_dtype_and_bf16_model():
         return bnb.nn.Linear4bit(i, o, bias=bias, compute_dtype=torch.float32, quant_type="nf4",
                                  compress_statistics=False).to(torch.bfloat16)
 
-    twin = Mlp(torch.bfloat16)
-    twin.load_state_dict(model.state_dict())
-    for name in ("up", "down"):
-        fp = getattr(model, name)
-        layer = make(fp.in_features, fp.out_features, fp.bias is not None)
-        layer.load_state_dict(fp.state_dict())
-        setattr(twin, name, layer.to("cpu"))
+    twin = _bnb_twin(model, make, torch.bfloat16)
     config = QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                          llm_int8_skip_modules=["head"])
     pm = peftfx.quantize(model, config, example_inputs=(x,))

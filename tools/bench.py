@@ -631,9 +631,19 @@ def qlora_table_rows(ql: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                "unit": "bytes", "peftfx": fx["model_bytes"], "peft": pf["model_bytes"],
                "ratio": fx["model_bytes"] / pf["model_bytes"], "peftfx_text": fmt_bytes(fx["model_bytes"]),
                "peft_text": fmt_bytes(pf["model_bytes"]), "ratio_text": ratio(fx["model_bytes"], pf["model_bytes"])}
-    return [weights,
-            time_row("QLoRA: eval forward", fx["forward_samples"], pf["forward_samples"]),
+    rows = [weights,
+            time_row("QLoRA: eval forward (PEFT pinned to bnb's dequantize path)", fx["forward_samples"],
+                     pf["forward_samples"]),
             time_row("QLoRA: train step (fwd+bwd+AdamW)", fx["train_step_samples"], pf["train_step_samples"])]
+    metric = "QLoRA: eval forward vs PEFT on bnb's packed AVX512-BF16 kernel"
+    if "peft@packed" in ql:  # only a CPU with AVX512-BF16 has that kernel (tools/bench_qlora.py)
+        fxp, pfp = ql["peftfx@packed"], ql["peft@packed"]
+        rows.append(time_row(f"{metric} (intermediate {fxp['intermediate']})", fxp["forward_samples"],
+                             pfp["forward_samples"]))
+    else:
+        rows.append({"metric": metric, "unit": "s", "peftfx": None, "peft": None, "ratio": None,
+                     "peftfx_text": "n/a", "peft_text": "n/a (no such kernel on this CPU)", "ratio_text": "-"})
+    return rows
 
 
 def generate_rows(gen: dict[str, Any]) -> list[dict[str, Any]]:
@@ -724,7 +734,7 @@ def compile_rows(cc: dict) -> list[dict[str, Any]]:
 
 
 def sanity_checks(max_diff: float, effect: float, unfused_diff: float, sw: dict, mg: dict, mx: dict,
-                  cc: Optional[dict]) -> dict[str, Any]:
+                  cc: Optional[dict], ql: Optional[dict] = None) -> dict[str, Any]:
     """Both sides compute the same function in every state that is timed (limits on max |delta logits|)."""
     items = {
         "the adapter changes the logits (so the checks below mean something)": (effect, 1e-2, effect > 1e-2),
@@ -737,6 +747,8 @@ def sanity_checks(max_diff: float, effect: float, unfused_diff: float, sw: dict,
         "mixed-batch logits, peftfx vs PEFT": (mx["fx_vs_peft"], 1e-4, None),
         "mixed-batch rows vs single-adapter calls, peftfx": (mx["fx_mixed_vs_single_rows"], 1e-4, None),
     }
+    if ql is not None:  # PEFT pinned to bnb's dequantize path, so the same math on any CPU
+        items["QLoRA eager logits, peftfx vs PEFT"] = (ql["peftfx"]["logit_diff"], 1e-4, None)
     if cc is not None:
         items["compiled logits, peftfx vs PEFT"] = (cc["fx_vs_peft"], 1e-3, None)
         probe = cc["peftfx_error_on_recompile_probe"]
@@ -1065,7 +1077,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(RATIO_NOTE)
     print(f"check: max |logits peftfx - PEFT| = {max_diff:.2e} with identical non-zero LoRA weights "
           f"(the adapter moves logits by up to {adapter_effect:.2e})")
-    checks = sanity_checks(max_diff, adapter_effect, unfused_diff, sw, mg, mx, cc)
+    checks = sanity_checks(max_diff, adapter_effect, unfused_diff, sw, mg, mx, cc, ql)
     for name, c in checks["items"].items():
         print(f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']:.2e} (limit {c['limit']:.0e})"
               if isinstance(c["value"], float) else f"check {'ok  ' if c['ok'] else 'FAIL'} {name}: {c['value']}")

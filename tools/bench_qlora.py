@@ -11,6 +11,15 @@ weights. Reported: bytes of the model's tensors (distinct storages of parameters
 store included), median and minimum eval-forward time and train-step time (forward, backward, AdamW
 step) over interleaved repeats after warm-up (on a shared machine the minimum is the steadier figure). `qlora_rows(args)` returns the rows for other scripts
 (tools/bench.py) to print.
+
+Kernels: peftfx's graph runs `torch.ops.bitsandbytes.dequantize_4bit` + `aten.linear` on every CPU. bnb's
+`Linear4bit` does the same, except in eval mode under no_grad on a CPU with AVX512-BF16, where it repacks
+its weight and runs a bf16 kernel (other numerics; only for in_features % blocksize == 0 and
+out_features % 32 == 0, else it fails). The main rows pin PEFT's layers to the dequantize path, so both
+sides compute the same on any host (checked: `logit_diff`). On a host with the packed kernel, one more
+pair (peftfx, and PEFT left on bnb's host default) times the eval forward, with the intermediate size
+rounded up to a multiple of 64 when the packed kernel cannot take it: sides "peftfx@packed" and
+"peft@packed".
 """
 from __future__ import annotations
 
@@ -58,7 +67,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _models(args: argparse.Namespace, folder: str):
+PACK_BLOCK_N = 32  # bnb's packed CPU layout groups output rows by 32 (_convert_weight_packed_for_cpu)
+
+
+def pin_dequantize_path(model: torch.nn.Module) -> int:
+    """Pin every bnb Linear4bit of `model` to bnb's dequantize + matmul path (the flag is per module, set
+    from the CPU in `__init__`); returns how many layers were pinned."""
+    import bitsandbytes as bnb
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def packed_kernel_on_host() -> bool:
+    """Whether bnb's Linear4bit takes its repacked AVX512-BF16 kernel at inference on this CPU (bnb's own
+    per-module decision, read off a fresh layer)."""
+    import bitsandbytes as bnb
+    return bool(bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu)
+
+
+def packable_args(args: argparse.Namespace, blocksize: int = 64) -> "argparse.Namespace | None":
+    """`args` with the intermediate size rounded up so every 4-bit linear fits bnb's packed kernel
+    (in_features % blocksize == 0, out_features % 32 == 0); None when the hidden size does not."""
+    if args.hidden % blocksize or args.hidden % PACK_BLOCK_N:
+        return None
+    packable = argparse.Namespace(**vars(args))
+    packable.intermediate = -(-args.intermediate // blocksize) * blocksize
+    return packable
+
+
+def _models(args: argparse.Namespace, folder: str, pin: bool = True):
     import peft
     import transformers
     config = transformers.LlamaConfig(
@@ -77,6 +116,8 @@ def _models(args: argparse.Namespace, folder: str):
     fp_bytes = storage_bytes(transformers.LlamaForCausalLM.from_pretrained(folder).state_dict().values())
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
     ref = peft.get_peft_model(load_quantized(), peft.LoraConfig(**lora))
+    if pin:
+        pin_dequantize_path(ref)
     adapter_dir = os.path.join(folder, "adapter")
     ref.save_pretrained(adapter_dir)
     pm = peftfx.load(load_quantized(), adapter_dir, is_trainable=True)
@@ -104,8 +145,40 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def _max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    a.eval(), b.eval()
+    with torch.no_grad():
+        return (a(**inputs).logits - b(**inputs).logits).abs().max().item()
+
+
+def _packed_pair_rows(args: argparse.Namespace, folder: str, inputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Eval forward, peftfx vs PEFT on bnb's host kernel (the packed bf16 one), interleaved; [] when this
+    host has no such kernel or the hidden size does not fit it."""
+    packable = packable_args(args)
+    if not packed_kernel_on_host() or packable is None:
+        return []
+    sides, _ = _models(packable, os.path.join(folder, "packed"), pin=False)
+    diff = _max_logit_diff(sides["peftfx"], sides["peft"], inputs)  # also the warm-up that repacks PEFT's layers
+    times = {name: [] for name in sides}
+
+    def forward(name):
+        with torch.no_grad():
+            sides[name](**inputs)
+
+    for _ in range(args.warmup):
+        for name in sides:
+            forward(name)
+    for _ in range(args.repeats):
+        for name in sides:
+            times[name].append(_timed(lambda: forward(name)))
+    return [{"side": f"{name}@packed", "intermediate": packable.intermediate, "logit_diff": diff,
+             "forward_s": statistics.median(times[name]), "forward_min_s": min(times[name]),
+             "forward_samples": times[name]} for name in sides]
+
+
 def qlora_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per side: model bytes, eval forward and train step medians (seconds)."""
+    """One row per side: model bytes, eval forward and train step medians (seconds); on a host with bnb's
+    packed AVX512-BF16 kernel, two more (sides "peftfx@packed", "peft@packed"): eval forward only."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as folder:
@@ -113,6 +186,7 @@ def qlora_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        logit_diff = _max_logit_diff(sides["peftfx"], sides["peft"], inputs)
         optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                       for name, m in sides.items()}
 
@@ -145,8 +219,9 @@ def qlora_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "train_step_min_s": min(times[(name, "train")]),
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "forward_samples": times[(name, "forward")], "train_step_samples": times[(name, "train")],
+                "logit_diff": logit_diff,
             })
-        return rows
+        return rows + _packed_pair_rows(args, folder, inputs)
 
 
 def main(argv=None) -> None:
@@ -157,11 +232,25 @@ def main(argv=None) -> None:
           f"LoRA r={args.rank} all-linear; {args.threads} threads; torch {torch.__version__}")
     print(f"{'side':8} {'model MiB':>10} {'fp32 MiB':>9} {'forward ms (min)':>18} {'train step ms (min)':>20} "
           f"{'trainable':>10}")
-    for r in rows:
+    main_rows = [r for r in rows if "@" not in r["side"]]
+    for r in main_rows:
         forward = f"{r['forward_s'] * 1e3:.1f} ({r['forward_min_s'] * 1e3:.1f})"
         train = f"{r['train_step_s'] * 1e3:.1f} ({r['train_step_min_s'] * 1e3:.1f})"
         print(f"{r['side']:8} {r['model_bytes'] / 2**20:10.2f} {r['fp32_model_bytes'] / 2**20:9.2f} {forward:>18} "
               f"{train:>20} {r['trainable']:10,d}")
+    print(f"PEFT pinned to bnb's dequantize + matmul path (what peftfx runs); max |logits peftfx - PEFT| = "
+          f"{main_rows[0]['logit_diff']:.2e}")
+    packed = {r["side"]: r for r in rows if "@" in r["side"]}
+    if packed:
+        fx, pf = packed["peftfx@packed"], packed["peft@packed"]
+        paired = statistics.median(a / b for a, b in zip(fx["forward_samples"], pf["forward_samples"]))
+        print(f"eval forward vs PEFT on bnb's packed AVX512-BF16 kernel (intermediate {fx['intermediate']}): "
+              f"peftfx {fx['forward_s'] * 1e3:.1f} ms ({fx['forward_min_s'] * 1e3:.1f}), PEFT {pf['forward_s'] * 1e3:.1f} "
+              f"ms ({pf['forward_min_s'] * 1e3:.1f}); paired ratio peftfx/PEFT {paired:.2f}x; max |logits "
+              f"difference| {fx['logit_diff']:.2e} (bf16 kernel)")
+    else:
+        print("eval forward vs PEFT on bnb's packed AVX512-BF16 kernel: n/a (this CPU has no such kernel: PEFT "
+              "runs the dequantize path above)")
     print(f"medians (minimums) of {args.repeats} interleaved repeats; load average at the end: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json:

@@ -54,7 +54,7 @@ def test_non_default_adapters_go_to_subfolders_like_peft(load_model, tmp_path):
 
     out = tmp_path / "resaved"
     pm.save_pretrained(str(out))
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(os.listdir(out)) == [".peftfx", "adapter_config.json", "adapter_model.safetensors", "other"]
     again = peft.PeftModel.from_pretrained(load_model("llama"), str(out / "other"), adapter_name="other").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)

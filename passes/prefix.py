@@ -32,6 +32,7 @@ from peftfx.adapters import MOUNT
 from peftfx.errors import ConfigError
 from peftfx.graph_inputs import remove_keyword_input
 from peftfx.rewrite import Builder, Rule
+from peftfx.virtual_tokens import positions_from_mask
 
 from .context import PassContext
 
@@ -50,17 +51,27 @@ def _is_positions(node: fx.Node, ctx: PassContext) -> bool:
 
 
 def _positions(node: fx.Node, ctx: PassContext, b: Builder) -> None:
-    """position_ids := arange(P, P+L) for every row."""
+    """position_ids := the positions the model gives its tokens under PEFT, after P cached prefix tokens:
+    arange(P, P+L) for every row, or, for models that count positions in the attention mask, the mask's
+    cumsum over cat(ones(B, P), mask) (padded tokens stay at -1)."""
     gm = node.graph.owning_module
     _layers(gm, ctx)  # refuse a graph whose attention ops the pass cannot find, before changing anything
     b.adapter = ctx.prompt[0]
     p = ctx.prompt_config.num_virtual_tokens
-    source = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target in ("input_ids", "inputs_embeds"))
-    rows = b.call(aten.sym_size.int, source, 0)
-    length = b.call(aten.sym_size.int, source, 1)
-    end = b.call(operator.add, length, p)
-    positions = b.call(aten.arange.start, p, end, dtype=torch.long, device=node.meta["val"].device)
-    positions = b.call(aten.expand.default, b.call(aten.unsqueeze.default, positions, 0), [rows, length])
+    inputs = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.meta["val"].dim() == 2 and positions_from_mask(ctx.model):
+        b.continue_after([n for n in gm.graph.nodes if n.op == "placeholder"][-1])  # after the mask too
+        counted = b.call(aten.add.Tensor, b.call(aten.cumsum.default, mask, 1), p)  # = cumsum of the full mask
+        positions = b.call(aten.sub.Tensor, b.call(aten.mul.Tensor, counted, mask), 1)
+        positions = b.call(aten.to.dtype, positions, torch.long)
+    else:
+        source = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        rows = b.call(aten.sym_size.int, source, 0)
+        length = b.call(aten.sym_size.int, source, 1)
+        end = b.call(operator.add, length, p)
+        positions = b.call(aten.arange.start, p, end, dtype=torch.long, device=node.meta["val"].device)
+        positions = b.call(aten.expand.default, b.call(aten.unsqueeze.default, positions, 0), [rows, length])
     b.replace_uses(node, positions)
     remove_keyword_input(gm, "position_ids")
 

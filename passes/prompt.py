@@ -54,8 +54,13 @@ def _embeds(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     if source == "input_ids":
         ids = add_keyword_input(gm, "input_ids")
         b.continue_after(ids)
-        weight = b.get_attr(_attr_path(gm, input_embeddings(ctx.model).weight))
+        embedding = input_embeddings(ctx.model)
+        weight = b.get_attr(_attr_path(gm, embedding.weight))
         embeds = b.call(aten.embedding.default, weight, ids)
+        scale = getattr(embedding, "embed_scale", None)
+        if scale is not None:  # transformers' *ScaledWordEmbedding: embedding(ids) * embed_scale (Gemma, BioGPT)
+            scale = scale.to(embedding.weight.dtype) if isinstance(scale, torch.Tensor) else scale
+            embeds = b.call(aten.mul.Tensor, embeds, float(scale))
     else:
         embeds = node
     prompt = b.get_attr(f"{MOUNT}.{ctx.store.prompt_weight_path(adapter)}")

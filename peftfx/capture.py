@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import sympy
 import torch
 from torch.export import Dim
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
 
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 
 # Inputs of transformers models whose dimension 1 is the sequence length.
 SEQUENCE_INPUTS = {
@@ -29,6 +33,7 @@ SEQUENCE_INPUTS = {
 }
 MIN_EXAMPLE_SIZE = 2  # export specialises sizes 0 and 1, so examples are grown to at least 2
 MAX_BATCH = 1 << 16
+UNBOUNDED = sys.maxsize  # the upper end of a dim range export left open (±oo)
 
 
 @dataclass(frozen=True)
@@ -56,19 +61,26 @@ class Capture:
     signature: Signature
     program: torch.export.ExportedProgram
     dim_ranges: dict[str, tuple] = field(default_factory=dict)  # name -> per dim: int or (lo, hi)
+    # name -> per dim: the symbol export gave it (None when static). Dims sharing a symbol must be equal in
+    # a call: a graph whose position_ids batch is tied to the input_ids batch cannot take [1, S] with [B, S].
+    dim_symbols: dict[str, tuple] = field(default_factory=dict)
     # passes/fuse.py trades kernels for a concatenation and views. Run eagerly, a decode graph (one token
     # per row) pays per op, so its eager variants are built unfused (measured: fused up to 6% slower);
     # compiled, the views cost nothing and fused decoding measured 0-5% faster.
     fuse_eager: bool = True
 
     def accepts(self, kwargs: dict[str, Any]) -> bool:
+        tied: dict[str, int] = {}
         for name, ranges in self.dim_ranges.items():
             shape = kwargs[name].shape
-            for size, allowed in zip(shape, ranges):
+            symbols = self.dim_symbols.get(name, (None,) * len(ranges))
+            for size, allowed, symbol in zip(shape, ranges, symbols):
                 if isinstance(allowed, int):
                     if size != allowed:
                         return False
                 elif not allowed[0] <= size <= allowed[1]:
+                    return False
+                if symbol is not None and tied.setdefault(symbol, size) != size:
                     return False
         return True
 
@@ -128,6 +140,8 @@ class Capturer:
                 raise ValueError("use_cache=True is not supported: peftfx captures the forward graph without a KV "
                                  "cache; drop use_cache (decoding with a cache is not implemented yet).")
             named["use_cache"] = False
+        if self.is_hf:
+            check_sequence_shapes(named, not getattr(self.model.config, "is_encoder_decoder", False))
         return named
 
     def get(self, kwargs: dict[str, Any], training: bool) -> Capture:
@@ -141,12 +155,17 @@ class Capturer:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _axes_for(self, name: str, value: torch.Tensor) -> dict[int, str]:
+    def _axes_for(self, name: str, value: torch.Tensor, batch: Optional[int] = None) -> dict[int, str]:
+        """The dynamic dims of one input. `batch`, the call's batch size: an input whose dim 0 is 1 in a
+        larger batch is broadcast over it (HF takes position_ids [1, S] with input_ids [B, S]), so that dim
+        stays a static 1 instead of being tied to the batch."""
         if self.user_dynamic_axes is not None:
             return dict(self.user_dynamic_axes.get(name, {}))
         axes = {0: "batch"} if value.dim() >= 1 else {}
+        if value.dim() >= 1 and value.shape[0] == 1 and (batch or 1) > 1:
+            axes = {}
         if self.is_hf and name in SEQUENCE_INPUTS and value.dim() >= 2:
-            axes[1] = "seq"
+            axes.update(dict.fromkeys(_sequence_axes(name, value), "seq"))
         return axes
 
     def _max_seq(self) -> int:
@@ -157,14 +176,79 @@ class Capturer:
                 return value
         return MAX_BATCH
 
+    @torch.compiler.disable
     def _capture(self, signature: Signature, kwargs: dict[str, Any], training: bool) -> Capture:
-        axes = {n: self._axes_for(n, v) for n, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        """Export a new graph. Never traced by dynamo: a call through torch.compile(pm) (or Trainer's
+        torch_compile) reaching here runs export eagerly, as outside dynamo, so the named Dims and their
+        bounds hold (traced by dynamo, export fails on them and the AUTO retry proves only [2, oo])."""
+        batch = call_batch(kwargs)
+        axes = {n: self._axes_for(n, v, batch) for n, v in kwargs.items() if isinstance(v, torch.Tensor)}
         # Clones: export merges inputs that alias one tensor (labels=input_ids), which would bake the alias in.
         example = {n: _grow(v, axes.get(n, {})).clone() if isinstance(v, torch.Tensor) else v
                    for n, v in kwargs.items()}
+        max_seq = self._max_seq()
+        lengths = [v.shape[a] for n, v in example.items() if isinstance(v, torch.Tensor)
+                   for a, d in axes.get(n, {}).items() if d == "seq"]
+        if lengths and max(lengths) > max_seq:
+            # The model runs sequences past its position table (rotary positions do): this capture serves
+            # every longer length, so the next long call reuses it instead of capturing again.
+            max_seq = MAX_BATCH
         with module_mode(self.model, training):
-            program = export_dynamic(self.model, example, axes, self._max_seq())
-        return Capture(signature, program, _dim_ranges(program, example))
+            program = export_dynamic(self.model, example, axes, max_seq)
+        ranges, symbols = _dim_ranges(program, example)
+        return Capture(signature, program, ranges, symbols)
+
+
+# Inputs HF broadcasts over the batch when their dim 0 is 1.
+BROADCAST_INPUTS = {"position_ids", "token_type_ids"}
+
+
+def check_sequence_shapes(named: dict[str, Any], labels_follow_tokens: bool = True) -> None:
+    """Refuse token inputs whose batch or sequence sizes disagree with input_ids (or inputs_embeds), naming
+    them, before anything is captured or run: export would fail, or a graph captured for other sizes would
+    fail deep inside with a reshape error. Decoder inputs of encoder-decoder models are not checked.
+
+    Allowed: dim 0 of 1 for BROADCAST_INPUTS; 4-D attention masks [B or 1, heads, S, S]; labels [B] or
+    float labels [B, n] (classification). `labels_follow_tokens`: integer labels of rank 2 or more have
+    the token length (False for encoder-decoder models, whose labels are decoder tokens)."""
+    shapes = {n: tuple(v.shape) for n, v in named.items() if isinstance(v, torch.Tensor)}
+    main = next((n for n in ("input_ids", "inputs_embeds") if len(shapes.get(n, ())) >= 2), None)
+    if main is None:
+        return
+    batch, length = shapes[main][:2]
+
+    def fits(name: str, shape: tuple) -> bool:
+        four_d_mask = name == "attention_mask" and len(shape) == 4
+        if not shape or shape[0] != batch and not (shape[0] == 1 and (name in BROADCAST_INPUTS or four_d_mask)):
+            return False
+        if four_d_mask:
+            return shape[2:] == (length, length)
+        if name == "labels":
+            return (len(shape) < 2 or torch.is_floating_point(named[name]) or not labels_follow_tokens
+                    or shape[1] == length)
+        return len(shape) >= 2 and shape[1] == length
+
+    checked = [n for n in shapes if n in SEQUENCE_INPUTS and n not in ("input_ids", "inputs_embeds")
+               and not n.startswith("decoder_")]
+    wrong = [n for n in checked if not fits(n, shapes[n])]
+    if wrong:
+        given = ", ".join(f"{n} {list(shapes[n])}" for n in [main] + checked)
+        raise ConfigError(f"input shapes do not fit together: {', '.join(wrong)} must match the batch size and "
+                          f"sequence length of {main} (dim 0 may be 1 for {sorted(BROADCAST_INPUTS)} and 4-D "
+                          f"attention masks); got {given}.")
+
+
+def call_batch(kwargs: dict[str, Any]) -> int:
+    """A call's batch size: the largest dim 0 of its tensor inputs (smaller ones broadcast)."""
+    return max((v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), default=1)
+
+
+def _sequence_axes(name: str, value: torch.Tensor) -> tuple[int, ...]:
+    """Which dims of a sequence input are the sequence length: dim 1, except for a 4-D attention mask
+    [B, heads or 1, queries, keys], whose last two dims are (without a KV cache both are the length)."""
+    if name.endswith("attention_mask") and value.dim() == 4:
+        return (2, 3)
+    return (1,)
 
 
 def export_dynamic(module: torch.nn.Module, example: dict[str, Any], axes: dict[str, dict[int, str]],
@@ -201,28 +285,55 @@ def _grow(value: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
     return value
 
 
-def _dim_ranges(program: torch.export.ExportedProgram, example: dict[str, Any]) -> dict[str, tuple]:
-    """Per tensor input: each dim's static size, or the (lo, hi) range export proved for it."""
+def _dim_ranges(program: torch.export.ExportedProgram, example: dict[str, Any]) -> tuple[dict, dict]:
+    """Per tensor input: each dim's static size or the (lo, hi) range export proved for it; and each dim's
+    symbol (None when static)."""
     leaves, _ = pytree.tree_flatten(((), example))
     leaf_names = _leaf_names(example)
     user_inputs = program.graph_signature.user_inputs
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     ranges: dict[str, tuple] = {}
+    symbols: dict[str, tuple] = {}
     for leaf_name, leaf, ph_name in zip(leaf_names, leaves, user_inputs):
         if not isinstance(leaf, torch.Tensor):
             continue
         val = placeholders[ph_name].meta.get("val")
-        dims = []
-        for size in val.shape:
-            if isinstance(size, int):
-                dims.append(size)
-            else:
-                vr = program.range_constraints.get(size.node.expr)
-                lo = int(vr.lower) if vr is not None else 1
-                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else MAX_BATCH * MAX_BATCH
-                dims.append((lo, hi))
-        ranges[leaf_name] = tuple(dims)
-    return ranges
+        ranges[leaf_name] = tuple(dim_range(program, size) for size in val.shape)
+        symbols[leaf_name] = tuple(str(size.node.expr) if isinstance(size, torch.SymInt) else None
+                                   for size in val.shape)
+    return ranges, symbols
+
+
+def dim_range(program: torch.export.ExportedProgram, size: Any) -> Union[int, tuple[int, int]]:
+    """A dim of `program`'s inputs as peftfx checks it: its static size, or the (lo, hi) range export
+    proved for it, in plain ints.
+
+    Every reader of export's range constraints goes through here: their bounds are sympy numbers and
+    may be infinite (sympy's oo and -oo, torch's int_oo and -int_oo), e.g. a sequence longer than the
+    position table, GPT-Neo, or a capture run inside dynamo. An infinite end is an open bound."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr if isinstance(size, torch.SymInt) else size
+    if getattr(expr, "is_number", False):  # a size export specialised to a constant
+        return int(expr)
+    vr = program.range_constraints.get(expr)
+    if vr is None:
+        return (1, UNBOUNDED)
+    lo, hi = finite_bound(vr.lower), finite_bound(vr.upper)
+    return (max(lo, 0) if lo is not None else 0, hi if hi is not None else UNBOUNDED)
+
+
+def finite_bound(bound: Any) -> Optional[int]:
+    """A range bound as an int, or None when it is infinite (or not a number at all)."""
+    if isinstance(bound, (IntInfinity, NegativeIntInfinity)):  # sympy calls these finite
+        return None
+    if isinstance(bound, bool):
+        return None
+    if isinstance(bound, (int, float)):
+        return int(bound) if math.isfinite(bound) else None
+    if isinstance(bound, sympy.Basic) and bound.is_number and bound.is_finite:
+        return int(bound)
+    return None
 
 
 def _leaf_names(example: dict[str, Any]) -> list[str]:

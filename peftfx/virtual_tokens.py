@@ -132,6 +132,18 @@ def user_inputs(config: PromptLearningConfig, named: dict[str, Any]) -> dict[str
     return named
 
 
+# transformers model types whose forward derives token positions from the attention mask when no
+# position_ids are given (OPT: cumsum(mask) * mask - 1). Under PEFT's prefix tuning the mask has P ones in
+# front (the cached prefix), so a left-padded row's positions differ from arange(P, P+L). Others in
+# transformers 5.23 count positions from the cache (arange), whatever the mask says.
+MASK_POSITION_MODELS = ("opt",)
+
+
+def positions_from_mask(model: nn.Module) -> bool:
+    """Whether the model counts its positions in the attention mask (see MASK_POSITION_MODELS)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in MASK_POSITION_MODELS
+
+
 def capture_inputs(config: PromptLearningConfig, named: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Example inputs for the base graph the passes rewrite (sizes matter, values barely)."""
     source = named.get("input_ids", named.get("inputs_embeds"))

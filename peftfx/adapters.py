@@ -62,7 +62,10 @@ class AdapterStore(nn.Module):
         self.bias_names: dict[str, list[str]] = {}  # adapter -> base bias parameters it trains and saves
         self.prompts: dict[str, nn.Module] = {}  # prompt-learning adapter -> its PromptEmbedding/PrefixEncoder
         self.kinds: dict[str, str] = {}  # adapter -> peft_type ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
-        self.version = 0  # bumped on every structural change; variant caches key on it
+        self.version = 0  # bumped on every structural change
+        # adapter -> the version at which it was (last) added to: variant graphs that name an adapter key
+        # on it, so adding or deleting *another* adapter leaves them valid
+        self.generation: dict[str, int] = {}
         self._layouts: dict[tuple, tuple] = {}
         self._sites: dict[str, dict[str, tuple]] = {}  # adapter -> key -> (A, B, scaling), for this version
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters, for this version
@@ -90,6 +93,7 @@ class AdapterStore(nn.Module):
 
     def add_lora(self, adapter: str, slot: LoraSlot, init, dtype: torch.dtype, device: torch.device) -> None:
         holder = self.node(slot.key, create=True)
+        self.lora.setdefault(adapter, {})[slot.key] = slot  # first: `delete` then finds a half-made site too
         for which, shape in (("A", (slot.r, slot.in_features)), ("B", (slot.out_features, slot.r))):
             name = f"lora_{which}"
             if name not in holder._modules:
@@ -99,8 +103,7 @@ class AdapterStore(nn.Module):
         _init_lora(holder.lora_A[adapter].weight, holder.lora_B[adapter].weight, init, slot.r)
         holder.register_buffer(f"lora_scaling_{adapter}", torch.tensor(slot.scaling, dtype=dtype, device=device),
                                persistent=False)
-        self.lora.setdefault(adapter, {})[slot.key] = slot
-        self.version += 1
+        self._changed(adapter)
 
     def layout(self, adapter: str) -> tuple:
         """What a graph depends on about an adapter: per site (key, r, dropout, dtype), not the values."""
@@ -151,7 +154,7 @@ class AdapterStore(nn.Module):
             p.requires_grad_(True)
         holder._modules["modules_to_save"][adapter] = clone
         self.saved.setdefault(adapter, {})[path] = clone
-        self.version += 1
+        self._changed(adapter)
         return clone
 
     # -- prompt learning (virtual tokens) ----------------------------------------------------------------
@@ -163,7 +166,7 @@ class AdapterStore(nn.Module):
             self.add_module(self.PROMPT_ROOT, nn.ModuleDict())
         self._modules[self.PROMPT_ROOT][adapter] = module
         self.prompts[adapter] = module
-        self.version += 1
+        self._changed(adapter)
 
     def prompt_module_path(self, adapter: str) -> str:
         return f"{self.PROMPT_ROOT}.{adapter}"
@@ -192,9 +195,12 @@ class AdapterStore(nn.Module):
 
     def delete(self, adapter: str) -> None:
         """Drop every tensor and fact of an adapter."""
-        for key in self.lora.pop(adapter, {}):
+        for key in self.lora.pop(adapter, {}):  # tolerant of a site whose creation was interrupted
             holder = self.node(key)
-            del holder.lora_A[adapter], holder.lora_B[adapter], holder._buffers[f"lora_scaling_{adapter}"]
+            for name in ("lora_A", "lora_B"):
+                if adapter in holder._modules.get(name, {}):
+                    del holder._modules[name][adapter]
+            holder._buffers.pop(f"lora_scaling_{adapter}", None)
         for path in self.saved.pop(adapter, {}):
             del self.node(path).modules_to_save[adapter]
         if self.prompts.pop(adapter, None) is not None:
@@ -202,7 +208,12 @@ class AdapterStore(nn.Module):
         self.configs.pop(adapter, None)
         self.kinds.pop(adapter, None)
         self.bias_names.pop(adapter, None)
+        self.generation.pop(adapter, None)
         self.version += 1
+
+    def _changed(self, adapter: str) -> None:
+        self.version += 1
+        self.generation[adapter] = self.version
 
     def set_trainable(self, adapter: str, trainable: bool) -> None:
         self._check_tables()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -14,8 +15,9 @@ from .errors import ConfigError
 
 PEFTFX_VERSION_KEY = "peftfx_version"
 
-# PEFT's LoraConfig fields that peftfx does not implement: name -> the only accepted value(s).
-# A loaded adapter_config.json may carry them (PEFT writes all of them); a non-default value is refused.
+# PEFT's LoraConfig fields that peftfx does not implement: name -> the values accepted (PEFT's default first).
+# They are fields of LoraConfig, so `LoraConfig(use_dora=False)` and PEFT's adapter_config.json files (PEFT
+# writes all of them) are accepted; any other value is refused rather than silently giving other numbers.
 UNSUPPORTED_LORA_FIELDS: dict[str, tuple] = {
     "use_dora": (False, None),
     "lora_bias": (False, None),
@@ -35,16 +37,10 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple] = {
     "megatron_config": (None,),
     "loftq_config": ({}, None),
     "ensure_weight_tying": (False, None),
+    "runtime_config": (None, {}, {"ephemeral_gpu_offload": False}),
 }
-# PEFT fields that carry no behaviour for peftfx (bookkeeping or values only PEFT reads).
-IGNORED_PEFT_FIELDS = {
-    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
-    "inference_mode", "runtime_config",
-}
-# Values PEFT writes for the unsupported fields, so that files peftfx writes load in PEFT unchanged.
-_PEFT_WRITTEN_DEFAULTS = {name: values[0] for name, values in UNSUPPORTED_LORA_FIELDS.items()}
-_PEFT_WRITTEN_DEFAULTS.update({"megatron_core": "megatron.core", "qalora_group_size": 16,
-                               "ensure_weight_tying": False, "auto_mapping": None})
+# Fields PEFT neither writes to adapter_config.json nor needs back (runtime-only options).
+NOT_WRITTEN_FIELDS = ("runtime_config",)
 
 # PEFT's default target modules when target_modules is None, by transformers model_type.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -91,9 +87,36 @@ class LoraConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
-    peft_type: str = "LORA"
+    peft_type: Optional[str] = "LORA"
+    # PEFT's bookkeeping fields (carried through, no behaviour) and its options peftfx does not implement
+    # (UNSUPPORTED_LORA_FIELDS: accepted at their defaults only).
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
+    megatron_core: Optional[str] = "megatron.core"
+    qalora_group_size: int = 16
+    use_dora: Optional[bool] = False
+    lora_bias: Optional[bool] = False
+    use_qalora: Optional[bool] = False
+    use_bdlora: Any = None
+    layer_replication: Optional[list] = None
+    target_parameters: Optional[list[str]] = None
+    trainable_token_indices: Any = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    arrow_config: Any = None
+    corda_config: Any = None
+    eva_config: Any = None
+    kasa_config: Any = None
+    lora_ga_config: Any = None
+    monteclora_config: Any = None
+    velora_config: Any = None
+    megatron_config: Optional[dict] = None
+    loftq_config: Any = field(default_factory=dict)
+    ensure_weight_tying: Optional[bool] = False
+    runtime_config: Any = None
 
     def __post_init__(self) -> None:
+        if self.peft_type is None:  # PEFT's dataclass default; its __post_init__ sets "LORA" too
+            self.peft_type = "LORA"
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -103,19 +126,41 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Refuse values that PEFT would refuse or that have no meaning, with the fix in the message."""
-        if not isinstance(self.r, int) or self.r <= 0:
+        """Refuse values that PEFT would refuse or that have no meaning, with the fix in the message.
+        Types are checked strictly (a bool is not a rank, a string is not an alpha): a value that passed
+        here and failed later would fail after the model was changed."""
+        if not _is_positive_int(self.r):
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}; use e.g. r=8.")
+        if not _is_number(self.lora_alpha):
+            raise ConfigError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}; use e.g. lora_alpha=16.")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"LoraConfig.{name} must be a dict of regex -> value, got {getattr(self, name)!r}.")
         for pattern, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not _is_positive_int(rank):
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}.")
+        for pattern, alpha in self.alpha_pattern.items():
+            if not _is_number(alpha):
+                raise ConfigError(f"alpha_pattern[{pattern!r}] must be a number, got {alpha!r}.")
+        if not _is_number(self.lora_dropout) or not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}.")
-        if self.init_lora_weights not in INIT_MODES:
+        if not any(self.init_lora_weights is mode or (isinstance(mode, str) and self.init_lora_weights == mode)
+                   for mode in INIT_MODES):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        for name in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            _check_names(name, getattr(self, name), regex=name in ("target_modules", "exclude_modules"))
+        for name in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, name):
+                _check_regex(f"{name} key {pattern!r}", pattern)
+        layers = self.layers_to_transform
+        if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(map(_is_index, layers)))):
+            raise ConfigError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform cannot be used when target_modules is a str (regex or "
                               "'all-linear'); give target_modules as a list of names instead.")
@@ -123,6 +168,12 @@ class LoraConfig:
             raise ConfigError("layers_pattern only has an effect together with layers_to_transform; set both.")
         if self.peft_type != "LORA":
             raise ConfigError(f"LoraConfig got peft_type={self.peft_type!r}; expected 'LORA'.")
+        for name, accepted in UNSUPPORTED_LORA_FIELDS.items():
+            value = getattr(self, name)
+            value = value if isinstance(value, (dict, list, bool, type(None))) else _as_plain(value)
+            if not any(value == ok for ok in accepted):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is a PEFT option peftfx does not support yet; "
+                                  f"remove it or set it to {accepted[0]!r}.")
 
     def scaling_for(self, r: int, alpha: float) -> float:
         """PEFT's scale of the low-rank update: alpha/r, or alpha/sqrt(r) with rsLoRA."""
@@ -138,11 +189,51 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content, complete enough for `peft.PeftConfig.from_pretrained`."""
-        out = dict(_PEFT_WRITTEN_DEFAULTS)
-        out.update(dataclasses.asdict(self))
-        if isinstance(out["target_modules"], set):
-            out["target_modules"] = sorted(out["target_modules"])
+        out = dataclasses.asdict(self)
+        for name in NOT_WRITTEN_FIELDS:
+            out.pop(name)
+        for name, accepted in UNSUPPORTED_LORA_FIELDS.items():
+            if name in out and out[name] is None:
+                out[name] = accepted[0]  # the value PEFT writes, so PEFT reads the file unchanged
         return dict(sorted(out.items()))
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_plain(value: Any) -> Any:
+    """A config object (PEFT's LoraRuntimeConfig, ...) as a dict, to compare with the accepted defaults."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _check_regex(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"LoraConfig.{field_name} is not a valid regular expression ({exc}); "
+                          "escape special characters such as '.' '(' '[' or give a list of names.") from None
+
+
+def _check_names(field_name: str, value: Any, regex: bool) -> None:
+    """A list of module names, or (for regex fields) one regex string."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if regex and value != ALL_LINEAR:
+            _check_regex(f"{field_name} ({value!r})", value)
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"LoraConfig.{field_name} must be a list of module names"
+                          f"{' or a regex string' if regex else ''}, got {value!r}.")
 
 
 from .prompt_config import PrefixTuningConfig, PromptLearningConfig, PromptTuningConfig  # noqa: E402
@@ -166,12 +257,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterCon
     for key, value in data.items():
         if key in known:
             kwargs[key] = getattr(value, "value", value)
-        elif cls is LoraConfig and key in UNSUPPORTED_LORA_FIELDS:
-            if not _is_accepted_default(value, UNSUPPORTED_LORA_FIELDS[key]):
-                raise ConfigError(
-                    f"{source}: {key}={value!r} is a PEFT option peftfx does not support yet; "
-                    f"remove it or set it to {UNSUPPORTED_LORA_FIELDS[key][0]!r}.")
-        elif key in IGNORED_PEFT_FIELDS or key == PEFTFX_VERSION_KEY:
+        elif key == PEFTFX_VERSION_KEY:
             continue
         else:
             unknown.append(key)
@@ -181,11 +267,10 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> AdapterCon
             f"known keys are {sorted(known)} (check for typos).")
     if isinstance(kwargs.get("target_modules"), (set, tuple)):
         kwargs["target_modules"] = sorted(kwargs["target_modules"])
-    return cls(**kwargs)
-
-
-def _is_accepted_default(value: Any, accepted: tuple) -> bool:
-    return any(value == ok for ok in accepted)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def as_peftfx_config(config: Any) -> AdapterConfig:

@@ -17,7 +17,6 @@ entries before the prefill. Positions and masks follow HF PEFT's `generate` exac
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Any, Optional, Sequence, Union
 
@@ -320,10 +319,7 @@ def _step_function(pm: Any, capture: Capture, spec: Optional[VariantSpec], ids: 
     if adapter_names is not None:
         if spec is not None:
             raise ConfigError("adapter_names (mixed batches) works with LoRA adapters only.")
-        mixed, row_index = pm._mixed_spec(adapter_names, {"input_ids": ids}, capture)
-        if not pm._disabled:  # PEFT: disabled adapters win over adapter_names
-            _, run = pm._variants.get(capture, pm.base_model, pm.adapters, mixed)
-            return functools.partial(run, **{mixed.row_input: row_index})
+        return pm._mixed_runner(capture, adapter_names, {"input_ids": ids})
     if spec is None:
         return pm._variant(capture)[1]
     return pm._variants.get(capture, pm.base_model, pm.adapters, spec)[1]

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
+import os
+import threading
 import warnings
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import fx, nn
@@ -14,6 +17,7 @@ from peftfx.passes import merge as merge_pass
 
 from .adapters import AdapterStore
 from .capture import Capture, Capturer
+from .code_cache import scratch_code
 from .combine import combine_site, combined_rank
 from .config import AdapterConfig, as_peftfx_config
 from .errors import CheckpointError, ConfigError
@@ -24,6 +28,32 @@ from .state import BASE_ROW, VariantCache, VariantSpec
 from .virtual_tokens import PROMPT_HEAD_PREFIX, PROMPT_KEY, capture_inputs, check_task, make_prompt_module, user_inputs
 
 DEFAULT_ADAPTER = "default"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run a state change under the model's lock: concurrent set/add/delete/merge/unmerge calls run one
+    after another instead of interleaving (two unlocked merges could both fold the same delta in)."""
+    @functools.wraps(method)
+    def run(self: "PeftFxModel", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run  # type: ignore[return-value]
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    """Adapter names are names, not paths: save_pretrained writes `<folder>/<name>/`, so a name must not
+    be able to point anywhere else."""
+    if not isinstance(adapter_name, str):
+        raise ConfigError(f"adapter name must be a str, got {type(adapter_name).__name__} {adapter_name!r}.")
+    problem = ("is empty" if not adapter_name else
+               "contains a NUL byte" if "\0" in adapter_name else
+               "is a path" if os.path.isabs(adapter_name) or "/" in adapter_name or "\\" in adapter_name else
+               "contains '.'" if "." in adapter_name else
+               "is reserved for rows without adapter" if adapter_name == BASE_ROW else None)
+    if problem is not None:
+        raise ConfigError(f"adapter name {adapter_name!r} {problem}; an adapter name is a plain name such as "
+                          "'default' or 'task_b' (no '.', '/', '\\' or NUL, not empty, not '__base__').")
 
 
 class PeftFxModel(nn.Module):
@@ -42,6 +72,7 @@ class PeftFxModel(nn.Module):
         self._disabled = False
         self._last_capture: Optional[Capture] = None
         self.training = model.training
+        self._lock = threading.RLock()  # state changes and variant lookups (see docs/concepts.md, threads)
         self.quant = adopt_bnb_modules(model)  # a QuantStore when the model holds bitsandbytes layers
         self._variants.quant = self.quant
         forward_signature = inspect.signature(model.forward)
@@ -93,6 +124,7 @@ class PeftFxModel(nn.Module):
 
     # -- adapters -----------------------------------------------------------------------------------
 
+    @_locked
     def add_adapter(self, adapter_name: str, peft_config: Any,
                     weights: Optional[dict[str, torch.Tensor]] = None, source: str = "weights") -> None:
         """Add an adapter (active only if it is the first, as in PEFT). `weights`, a PEFT-format state
@@ -102,17 +134,39 @@ class PeftFxModel(nn.Module):
         self._check_new_name(adapter_name)
         self._check_same_kind(config)
         if isinstance(config, PromptLearningConfig):
-            return self._add_prompt_adapter(adapter_name, config, weights, source)
-        plan = make_plan(self._reference_capture().fresh_module(), self.base_model, adapter_name, config)
+            with self._rollback_on_failure(adapter_name):
+                return self._add_prompt_adapter(adapter_name, config, weights, source)
+        plan = self._plan(adapter_name, config)
         entries = plan_entries(self, plan)
         matched = check_weights(entries, weights, source) if weights is not None else None
         first = not self._active
-        commit_plan(self.base_model, self.adapters, plan, trainable=first and not config.inference_mode)
-        self.adapters.kinds[adapter_name] = config.peft_type
-        if matched is not None:
-            copy_weights(self, entries, matched)
-        if first:
-            self._active = [adapter_name]
+        with self._rollback_on_failure(adapter_name):
+            commit_plan(self.base_model, self.adapters, plan, trainable=first and not config.inference_mode)
+            self.adapters.kinds[adapter_name] = config.peft_type
+            if matched is not None:
+                copy_weights(self, entries, matched)
+            if first:
+                self._active = [adapter_name]
+
+    def _plan(self, adapter_name: str, config: AdapterConfig) -> AdapterPlan:
+        """The adapter's plan, from a scratch copy of the reference graph (its generated code released)."""
+        with scratch_code():
+            return make_plan(self._reference_capture().fresh_module(), self.base_model, adapter_name, config)
+
+    @contextlib.contextmanager
+    def _rollback_on_failure(self, adapter_name: str) -> Iterator[None]:
+        """Undo a half-done add on any exception (Ctrl-C included): the adapter's tensors and facts go,
+        the base parameters get back their requires_grad flags and the active adapters stay as they were."""
+        flags = [(p, p.requires_grad) for p in self.base_model.parameters()]
+        active = list(self._active)
+        try:
+            yield
+        except BaseException:
+            self.adapters.delete(adapter_name)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self._active = active
+            raise
 
     def _check_same_kind(self, config: AdapterConfig) -> None:
         kinds = set(self.adapters.kinds.values())
@@ -154,12 +208,10 @@ class PeftFxModel(nn.Module):
             self._active = [adapter_name]
 
     def _check_new_name(self, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
         if adapter_name in self.adapters.configs:
             raise ConfigError(f"an adapter named {adapter_name!r} exists already; pick another name "
                               "or delete_adapter() it first.")
-        if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
-            raise ConfigError(f"adapter name {adapter_name!r} must be non-empty, contain no '.' and not be "
-                              f"{BASE_ROW!r}.")
 
     def _check_lora_only(self, names: Sequence[str], what: str) -> None:
         prompts = [n for n in names if n in self.adapters.prompts]
@@ -176,10 +228,14 @@ class PeftFxModel(nn.Module):
         if missing:
             raise ConfigError(f"unknown adapter(s) {missing}; loaded adapters: {self.adapters.adapter_names()}.")
 
+    @_locked
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Activate one adapter, or several whose outputs are summed (PEFT's LoraModel.set_adapter).
         Inactive adapters are frozen; active ones become trainable unless loaded for inference."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ConfigError("set_adapter([]) names no adapter; give one or more of "
+                              f"{self.adapters.adapter_names()}, or use `with pm.disable_adapter():` for the base model.")
         self._check_known(names)
         if len(names) > 1 and any(n in self.adapters.prompts for n in names):
             raise ConfigError(f"prompt-learning adapters run one at a time; set_adapter one of {names}.")
@@ -191,6 +247,7 @@ class PeftFxModel(nn.Module):
                 self.adapters.set_trainable(name, name in names)
         self._active = names
 
+    @_locked
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it was active, the remaining active ones (or the first left) take over."""
         self._check_known([adapter_name])
@@ -206,14 +263,17 @@ class PeftFxModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the untouched base graph inside the block (merged adapters are unmerged first, as in PEFT)."""
-        if self._merged:
-            self.unmerge_adapter()
-        previous, self._disabled = self._disabled, True
+        with self._lock:
+            if self._merged:
+                self.unmerge_adapter()
+            previous, self._disabled = self._disabled, True
         try:
             yield
         finally:
-            self._disabled = previous
+            with self._lock:
+                self._disabled = previous
 
+    @_locked
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None,
                              svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
@@ -221,6 +281,9 @@ class PeftFxModel(nn.Module):
         """A new adapter combining others (PEFT's formulas for 'linear', 'cat' and 'svd'); inactive."""
         if adapter_name in self.adapters.configs:
             return  # PEFT returns silently when the name exists
+        if not adapters:
+            raise ConfigError("add_weighted_adapter got no adapters to combine; pass the names of existing "
+                              f"adapters ({self.adapters.adapter_names()}) and one weight each.")
         if len(adapters) != len(weights):
             raise ConfigError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight each.")
         combination_type = "linear" if len(adapters) == 1 else combination_type
@@ -243,11 +306,11 @@ class PeftFxModel(nn.Module):
                                      rank_pattern={}, init_lora_weights=True, inference_mode=True)
         options = dict(svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
         self._check_new_name(adapter_name)
-        plan = make_plan(self._reference_capture().fresh_module(), self.base_model, adapter_name, config)
+        plan = self._plan(adapter_name, config)
         combined = {s.key: combine_site(self.adapters, s.key, adapters, weights, combination_type, rank, options)
                     for s in plan.slots}
-        commit_plan(self.base_model, self.adapters, plan, trainable=False)
-        with torch.no_grad():
+        with self._rollback_on_failure(adapter_name), torch.no_grad():
+            commit_plan(self.base_model, self.adapters, plan, trainable=False)
             for key, ab in combined.items():
                 a, b = self.adapters.lora_weights(adapter_name, key)
                 a.zero_(), b.zero_()
@@ -256,6 +319,7 @@ class PeftFxModel(nn.Module):
 
     # -- quantization ---------------------------------------------------------------------------------
 
+    @_locked
     def quantize(self, config: Any) -> Any:
         """Store the base linears (all but the output head, by default) in bitsandbytes 4-bit or 8-bit
         form (a QuantConfig or a transformers BitsAndBytesConfig); their full-precision weights are freed.
@@ -273,6 +337,7 @@ class PeftFxModel(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------------
 
+    @_locked
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """Fold the adapters (default: the active ones) into the base weights; calls then run the plain
         base graph. With safe_merge, NaN/Inf results are refused before any weight changes."""
@@ -285,11 +350,13 @@ class PeftFxModel(nn.Module):
         merge_pass.merge(self.base_model, self.adapters, todo, safe_merge=safe_merge, quant=self.quant)
         self._merged += todo
 
+    @_locked
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter again (the base weights return up to fp32 rounding)."""
         merge_pass.unmerge(self.base_model, self.adapters, self._merged, quant=self.quant)
         self._merged = []
 
+    @_locked
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None,
                          dequantize: bool = False) -> nn.Module:
         """Merge and hand back the user's own model, with the active adapters' saved modules copied in.
@@ -302,6 +369,7 @@ class PeftFxModel(nn.Module):
         self.merge_adapter([n for n in names if n not in self._merged], safe_merge=safe_merge)
         return self._hand_back(self._unload_saved_modules())
 
+    @_locked
     def unload(self) -> nn.Module:
         """The user's model without any adapter. Unlike PEFT's unload, merged adapters are unmerged
         first, so the weights handed back are the original ones (docs/migration.md). A quantized base
@@ -386,23 +454,35 @@ class PeftFxModel(nn.Module):
 
     def _run(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """Run the active variant; same arguments and output type as the wrapped model's forward.
-        `adapter_names` (one name per batch row, or "__base__") runs a mixed batch in one graph."""
+        `adapter_names` (one name per batch row, or "__base__") runs a mixed batch in one graph.
+        The variant is chosen (captured, built) under the model's lock and run outside it."""
+        with self._lock:
+            run, named = self._runner(args, kwargs, adapter_names)
+        return run(**named)
+
+    def _runner(self, args: tuple, kwargs: dict, adapter_names: Optional[Sequence[str]]) -> tuple[Callable, dict]:
+        """(callable, the inputs to call it with) for this call."""
         named = self._capturer.prepare_inputs(args, kwargs)
         prompt = self._prompt_adapter()
         if prompt is not None:
             if adapter_names is not None:
                 raise ConfigError("adapter_names (mixed batches) works with LoRA adapters only.")
             _, run, named = self._prompt_variant(prompt, named)
-            return run(**named)
+            return run, named
         capture = self._capturer.get(named, self.training)
         self._last_capture = capture
         if adapter_names is None:
-            return self._variant(capture)[1](**named)
+            return self._variant(capture)[1], named
+        return self._mixed_runner(capture, adapter_names, named), named
+
+    def _mixed_runner(self, capture: Capture, adapter_names: Sequence[str], named: dict) -> Callable:
+        """The callable of a mixed batch, with its per-row adapter index bound. Disabled adapters win over
+        adapter_names (PEFT), and a batch whose rows are all "__base__" runs the base graph."""
         spec, row_index = self._mixed_spec(adapter_names, named, capture)
-        if self._disabled:  # PEFT: disabled adapters win over adapter_names
-            return self._variant(capture)[1](**named)
+        if self._disabled or not spec.mixed:
+            return self._variants.get(capture, self.base_model, self.adapters, VariantSpec(training=False))[1]
         _, run = self._variants.get(capture, self.base_model, self.adapters, spec)
-        return run(**named, **{spec.row_input: row_index})
+        return functools.partial(run, **{spec.row_input: row_index})
 
     def _variant(self, capture: Capture) -> tuple[fx.GraphModule, Any]:
         """(graph, callable) of the current state: a LoRA variant is keyed by the active adapters'
@@ -435,6 +515,10 @@ class PeftFxModel(nn.Module):
         row_index = torch.tensor([position.get(r, len(names)) for r in rows], dtype=torch.long, device=device)
         return spec, row_index
 
+    def variant_specs(self) -> list[VariantSpec]:
+        """The specs of the variant graphs built and kept now, oldest first (what later calls reuse)."""
+        return self._variants.specs()
+
     @property
     def graph_module(self) -> fx.GraphModule:
         """The active variant's GraphModule for the most recent call (or the reference inputs)."""
@@ -451,11 +535,13 @@ class PeftFxModel(nn.Module):
         return self._variants.fusion
 
     @fusion.setter
+    @_locked
     def fusion(self, enabled: bool) -> None:
         if bool(enabled) != self._variants.fusion:
             self._variants.clear()
             self._variants.fusion = bool(enabled)
 
+    @_locked
     def compile(self, **options: Any) -> "PeftFxModel":
         """Run every variant through torch.compile (once per variant, with `options`, default
         dynamic=True). Adapters of the same layout share a compiled variant: switching between them,

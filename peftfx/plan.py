@@ -6,6 +6,7 @@ store are still untouched.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,20 @@ def make_plan(gm: fx.GraphModule, model: torch.nn.Module, name: str, config: Lor
         slots.append(LoraSlot(site.key, r, alpha, config.scaling_for(r, alpha), float(config.lora_dropout),
                               site.in_features, site.out_features, site.fan_in_fan_out,
                               site.weight_path, site.bias_path))
+    warn_unmatched_patterns(config, [s.key for s in slots])
     saved = modules_to_save_paths(model, config)
     return AdapterPlan(name, config, slots, saved, trainable_biases(model, config, slots, saved))
+
+
+def warn_unmatched_patterns(config: LoraConfig, keys: list[str]) -> None:
+    """PEFT's RuntimeWarning for rank_pattern/alpha_pattern keys that match no adapted site: a typo there
+    silently leaves the default rank or alpha."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, name)
+        unmatched = sorted(p for p in patterns if not any(select.pattern_value({p: True}, k, False) for k in keys))
+        if unmatched:
+            warnings.warn(f"The following {name} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", RuntimeWarning, stacklevel=4)
 
 
 def existing_plan(store: AdapterStore, name: str) -> AdapterPlan:

@@ -32,7 +32,9 @@ class PromptLearningConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
-    peft_type: str = ""
+    peft_type: Optional[str] = ""
+    auto_mapping: Optional[dict] = None  # PEFT's bookkeeping fields: carried through, no behaviour
+    peft_version: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, enum.Enum):
@@ -63,9 +65,7 @@ class PromptLearningConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content, as PEFT writes it."""
-        out = {"auto_mapping": None}
-        out.update(dataclasses.asdict(self))
-        return dict(sorted(out.items()))
+        return dict(sorted(dataclasses.asdict(self).items()))
 
 
 @dataclass

@@ -25,11 +25,12 @@ class SlotBank(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.bound: Optional[tuple[str, ...]] = None
+        self.bound: Optional[tuple] = None  # (adapters, store version) the attributes point at
         self._holders: dict[tuple[int, str], nn.Module] = {}  # (position, site key) -> holder module
 
     def bind(self, store: AdapterStore, adapters: tuple[str, ...]) -> None:
-        if self.bound == adapters:
+        # The store version is part of it: an adapter deleted and added again under its name has new tensors.
+        if self.bound == (adapters, store.version):
             return
         for position, adapter in enumerate(adapters):
             for key, (a, b, scaling) in store.site_tensors(adapter).items():
@@ -39,4 +40,4 @@ class SlotBank(nn.Module):
                 holder._parameters["A"] = a
                 holder._parameters["B"] = b
                 holder._buffers["scaling"] = scaling
-        self.bound = adapters
+        self.bound = (adapters, store.version)

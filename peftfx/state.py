@@ -1,13 +1,15 @@
 """The state manager: one GraphModule per variant, built lazily from a capture by the pass pipeline.
 
 A variant is (capture, which adapters add LoRA, whose saved modules are read, mixed-batch adapters,
-train/eval) plus the store version. All variants read the same base parameters (the capture's) and
-the same adapter parameters (the store's), so switching is a dictionary lookup. With nothing active
+train/eval) plus the generations of the adapters its graph names. All variants read the same base
+parameters (the capture's) and the same adapter parameters (the store's), so switching is a dictionary
+lookup. With nothing active
 the variant is the captured base graph itself; a merged adapter needs no LoRA nodes, so a fully merged
 model runs the base graph too.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
@@ -17,6 +19,7 @@ from torch import fx
 from peftfx.passes import fuse, inline_grad_regions, lora, modules_to_save, prefix, prompt, quantize, simplify
 from peftfx.passes.context import PassContext
 
+from . import code_cache
 from .adapters import MOUNT, AdapterStore
 from .bindings import eager_forward
 from .capture import Capture
@@ -76,8 +79,18 @@ def build_variant(capture: Capture, model: torch.nn.Module, store: AdapterStore,
     return gm
 
 
+MIXED_VARIANT_LIMIT = 16  # mixed-batch variants kept (least recently used dropped): one per adapter set
+
+
 class VariantCache:
-    """Variants by key; stale ones (older store versions) are dropped when the store changes.
+    """Variants by key; a store change drops only the variants it made stale.
+
+    A variant is keyed by its capture, its spec and the *generations* of the adapters the graph names
+    (its saved modules, a mixed batch's adapters, a prompt adapter): adding or deleting another adapter
+    changes none of those, so it rebuilds nothing. LoRA-only variants name no adapter (slot banks) and are
+    dropped once no adapter of their layout is left. Mixed-batch variants, one per adapter set, are kept
+    for the `mixed_limit` most recently used sets. A dropped graph's generated source is released from
+    torch.fx's global cache (peftfx/code_cache.py).
 
     `compile_options`, when set, wraps each variant in torch.compile once; a variant serves every
     adapter of its layout through its slot bank, so switching such adapters compiles nothing new.
@@ -86,8 +99,11 @@ class VariantCache:
     capture can opt out of it when run eagerly (`Capture.fuse_eager`, decode graphs).
     """
 
-    def __init__(self) -> None:
-        self._variants: dict[tuple, tuple[fx.GraphModule, Callable]] = {}
+    def __init__(self, mixed_limit: int = MIXED_VARIANT_LIMIT) -> None:
+        self._variants: OrderedDict[tuple, tuple[fx.GraphModule, Callable]] = OrderedDict()
+        self._code: dict[tuple, list[str]] = {}  # key -> torch.fx source-cache keys its graphs made
+        self._checked_version: Optional[int] = None
+        self.mixed_limit = mixed_limit
         self.compile_options: Optional[dict[str, Any]] = None
         self.quant: Optional[torch.nn.Module] = None  # the model's QuantStore, mounted in every variant
         self.fusion = True
@@ -95,21 +111,54 @@ class VariantCache:
     def get(self, capture: Capture, model: torch.nn.Module, store: AdapterStore, spec: VariantSpec,
             bind: tuple[str, ...] = ()) -> tuple[fx.GraphModule, Callable]:
         """(graph, callable running it) for the spec, with the slot bank pointed at `bind`."""
-        version = 0 if spec.is_base else store.version
-        key = (id(capture), spec, version)
+        if self._checked_version != store.version:
+            self._drop_stale(store)
+        key = (id(capture), spec, _generations(store, spec))
         entry = self._variants.get(key)
         if entry is None:
-            self._variants = {k: v for k, v in self._variants.items() if k[2] in (0, store.version)}
             fuse = self.fusion and (capture.fuse_eager or self.compile_options is not None)
+            start = code_cache.next_key()
             gm = build_variant(capture, model, store, spec, bind, self.quant, fuse)
             run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else eager_forward(gm)
             entry = self._variants[key] = (gm, run)
-        elif spec.lora:
-            getattr(entry[0], SLOTS).bind(store, bind)
+            self._code[key] = code_cache.made_since(start)
+            if spec.mixed:
+                self._bound_mixed()
+        else:
+            if spec.mixed:
+                self._variants.move_to_end(key)
+            if spec.lora:
+                getattr(entry[0], SLOTS).bind(store, bind)
         return entry
+
+    def _drop_stale(self, store: AdapterStore) -> None:
+        """Drop variants naming an adapter that is gone (or was added anew) or a layout no adapter has."""
+        layouts = {store.layout(a) for a in store.lora}
+        for key in list(self._variants):
+            spec = key[1]
+            if key[2] != _generations(store, spec) or any(layout not in layouts for layout in spec.lora):
+                self._drop(key)
+        self._checked_version = store.version
+
+    def _bound_mixed(self) -> None:
+        mixed = [key for key in self._variants if key[1].mixed]
+        for key in mixed[: max(0, len(mixed) - self.mixed_limit)]:
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        del self._variants[key]
+        code_cache.release(self._code.pop(key, []))
 
     def specs(self) -> list[VariantSpec]:
         return [key[1] for key in self._variants]
 
     def clear(self) -> None:
-        self._variants.clear()
+        for key in list(self._variants):
+            self._drop(key)
+        self._checked_version = None
+
+
+def _generations(store: AdapterStore, spec: VariantSpec) -> tuple:
+    """The generation of each adapter a variant's graph reads by name (None for one that is gone)."""
+    names = spec.saved + spec.mixed + spec.prompt[:1]
+    return tuple(store.generation.get(name) for name in names)

@@ -309,6 +309,11 @@ def test_an_adapter_added_again_under_its_name_runs_its_new_weights(load_model):
         torch.testing.assert_close(mixed, want, atol=1e-5, rtol=1e-5)
         pm.set_adapter("default")
         pm.delete_adapter("x")
+        with torch.no_grad():
+            pm(**kw)
+        # x's variants went with it: every LoRA variant left has the default adapter's layout (r=2)
+        ranks = {site[1] for spec in pm.variant_specs() for layout in spec.lora for site in layout}
+        assert ranks == {2} and not any(spec.mixed for spec in pm.variant_specs())
 
 
 def test_mixed_batch_variants_are_bounded(load_model):

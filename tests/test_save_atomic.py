@@ -16,6 +16,7 @@ from peft.utils import load_peft_weights
 
 import peftfx
 import peftfx.io
+import peftfx.save_store
 from conftest import CONFIGS, batch
 from peftfx.errors import CheckpointError, ConfigError
 
@@ -142,7 +143,7 @@ def _old_folder(models, tmp_path, names, layout: str):
     if layout == "peftfx":
         shutil.copytree(src, folder, symlinks=True)
     else:
-        shutil.copytree(src, folder, ignore=shutil.ignore_patterns(peftfx.io.STORE))
+        shutil.copytree(src, folder, ignore=shutil.ignore_patterns(peftfx.save_store.STORE))
         assert not any(p.is_symlink() for p in folder.rglob("*"))
     for rel, text in USER_FILES.items():
         (folder / rel).parent.mkdir(exist_ok=True)
@@ -155,13 +156,13 @@ def _user_files_kept(folder) -> bool:
 
 
 def _assert_no_leftovers(folder) -> None:
-    store = folder / peftfx.io.STORE
+    store = folder / peftfx.save_store.STORE
     entries = sorted(os.listdir(store))
     assert len(entries) == 2 and "current" in entries, entries
     assert os.readlink(store / "current") in entries
-    for sub in [folder] + [p for p in folder.iterdir() if p.is_dir() and p.name != peftfx.io.STORE]:
+    for sub in [folder] + [p for p in folder.iterdir() if p.is_dir() and p.name != peftfx.save_store.STORE]:
         for p in sub.iterdir():
-            assert not p.name.startswith(peftfx.io.TMP_PREFIX), p
+            assert not p.name.startswith(peftfx.save_store.TMP_PREFIX), p
             assert not (p.is_symlink() and not p.exists()), f"dangling link {p}"
 
 
@@ -169,7 +170,7 @@ def _assert_no_leftovers(folder) -> None:
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_an_interrupt_anywhere_leaves_the_old_save_or_the_new_one(models, tmp_path, monkeypatch, scenario, layout):
     """Old save by peftfx or as plain files (PEFT, older peftfx); interrupted at every file operation."""
-    monkeypatch.setattr(peftfx.io, "_fsync", lambda path: None)  # for power loss, which is not simulated here
+    monkeypatch.setattr(peftfx.save_store, "fsync", lambda path: None)  # for power loss, which is not simulated here
     old_names, new_names = SCENARIOS[scenario]
     old, new = models
     template = _old_folder(models, tmp_path, old_names, layout)
@@ -275,7 +276,7 @@ def test_saving_some_adapters_keeps_the_others_and_drops_leftovers(models, tmp_p
         new.save_pretrained(str(folder), selected_adapters=["default", "third"])
     assert same(peftfx_view(folder), before) and same(peft_view(folder)["third"], None)
     assert os.path.islink(folder / "third" / "adapter_config.json")  # dangling: absent to every reader
-    assert len(os.listdir(folder / peftfx.io.STORE)) == 4  # current, live save, staged save, new link
+    assert len(os.listdir(folder / peftfx.save_store.STORE)) == 4  # current, live save, staged save, new link
 
     new.save_pretrained(str(folder), selected_adapters=["default"])
     after = peftfx_view(folder)
@@ -343,7 +344,7 @@ def saved(models, tmp_path):
     old, _ = models
     old.save_pretrained(str(tmp_path / "src"), selected_adapters=["default"])
     folder = tmp_path / "plain"
-    shutil.copytree(tmp_path / "src", folder, ignore=shutil.ignore_patterns(peftfx.io.STORE))
+    shutil.copytree(tmp_path / "src", folder, ignore=shutil.ignore_patterns(peftfx.save_store.STORE))
     kw = batch()
     with torch.no_grad():
         logits = old.eval()(**kw).logits

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from peftfx.capture import export_dynamic
 from peftfx.errors import PeftFxError
 from peftfx.graph_inputs import keyword_inputs, placeholder, remove_keyword_input
-from peftfx.io import atomic_write
+from peftfx.save_store import atomic_write
 from peftfx.model import PeftFxModel
 from peftfx.passes.merge import delta_weight
 from peftfx.adapters import MOUNT, module_at

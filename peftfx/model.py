@@ -456,12 +456,20 @@ class PeftFxModel(nn.Module):
         """Run the active variant; same arguments and output type as the wrapped model's forward.
         `adapter_names` (one name per batch row, or "__base__") runs a mixed batch in one graph.
         The variant is chosen (captured, built) under the model's lock and run outside it."""
-        with self._lock:
-            run, named = self._runner(args, kwargs, adapter_names)
+        run, named = self._runner(args, kwargs, adapter_names)
         return run(**named)
 
+    @torch.compiler.disable
     def _runner(self, args: tuple, kwargs: dict, adapter_names: Optional[Sequence[str]]) -> tuple[Callable, dict]:
-        """(callable, the inputs to call it with) for this call."""
+        """(callable, the inputs to call it with) for this call, chosen under the model's lock.
+
+        Never traced by dynamo (`torch.compile(pm)`, Trainer's `torch_compile`): this is Python
+        bookkeeping over dicts of captures and variants, which dynamo specialises on; traced, a Trainer
+        step made a new capture at every step. The variant it returns is what gets compiled."""
+        with self._lock:
+            return self._choose(args, kwargs, adapter_names)
+
+    def _choose(self, args: tuple, kwargs: dict, adapter_names: Optional[Sequence[str]]) -> tuple[Callable, dict]:
         named = self._capturer.prepare_inputs(args, kwargs)
         prompt = self._prompt_adapter()
         if prompt is not None:

@@ -333,6 +333,21 @@ def test_mixed_batch_variants_are_bounded(load_model):
         assert pm.variant_specs() == kept
 
 
+def test_calls_through_torch_compile_reuse_their_capture(load_model):
+    """torch.compile(pm) (and Trainer's torch_compile) trace pm's forward; the choice of capture and
+    variant must not be traced with it, or dynamo specialises on the caches and captures at every call."""
+    pm = peftfx.apply(load_model("llama"), peftfx.LoraConfig(r=2, target_modules=["q_proj"]))
+    compiled = torch.compile(pm, backend="eager")
+    kw = batch(2, 6)
+    with torch.no_grad():
+        want = pm(**kw).logits
+        pm.to("cpu")  # drops the captures, as Trainer's .to(device) does: the first traced call finds none
+        for _ in range(3):
+            got = compiled(**kw).logits
+            assert len(pm.variant_specs()) == 1  # the one variant of the first call, never a new capture
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -95,30 +95,29 @@ def peftfx_view(folder) -> dict:
     return view
 
 
-def peft_view(folder) -> dict:
-    """What HF PEFT reads from the folder, through its own loaders."""
+def _view_of_present(folder, read) -> dict:
+    """name -> read(adapter folder) for each adapter whose config is there, None for the others."""
     view = {}
     for name in NAMES:
         path = _adapter_dir(folder, name)
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            view[name] = None
-            continue
-        view[name] = (peft.PeftConfig.from_pretrained(path).to_dict(), load_peft_weights(path))
+        view[name] = read(path) if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
     return view
+
+
+def peft_view(folder) -> dict:
+    """What HF PEFT reads from the folder, through its own loaders."""
+    return _view_of_present(folder, lambda path: (peft.PeftConfig.from_pretrained(path).to_dict(),
+                                                  load_peft_weights(path)))
 
 
 def loaded_view(reader, folder) -> dict:
     """Load each adapter into a model with load_adapter (peftfx.load's path) and read back what it holds."""
-    view = {}
-    for name in NAMES:
-        path = _adapter_dir(folder, name)
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            view[name] = None
-            continue
+    def load(path):
         reader.load_adapter(path, adapter_name="probe")
-        view[name] = (reader.peft_config["probe"].to_dict(), peftfx.io._adapter_tensors(reader, "probe"))
+        held = reader.peft_config["probe"].to_dict(), peftfx.io._adapter_tensors(reader, "probe")
         reader.delete_adapter("probe")
-    return view
+        return held
+    return _view_of_present(folder, load)
 
 
 def same(a, b) -> bool:

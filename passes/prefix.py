@@ -61,7 +61,7 @@ def _positions(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     inputs = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
     mask = inputs.get("attention_mask")
     if mask is not None and mask.meta["val"].dim() == 2 and positions_from_mask(ctx.model):
-        b.continue_after([n for n in gm.graph.nodes if n.op == "placeholder"][-1])  # after the mask too
+        b.continue_after(list(inputs.values())[-1])  # after the last placeholder: the mask too
         counted = b.call(aten.add.Tensor, b.call(aten.cumsum.default, mask, 1), p)  # = cumsum of the full mask
         positions = b.call(aten.sub.Tensor, b.call(aten.mul.Tensor, counted, mask), 1)
         positions = b.call(aten.to.dtype, positions, torch.long)

@@ -169,8 +169,7 @@ class LoraConfig:
         if self.peft_type != "LORA":
             raise ConfigError(f"LoraConfig got peft_type={self.peft_type!r}; expected 'LORA'.")
         for name, accepted in UNSUPPORTED_LORA_FIELDS.items():
-            value = getattr(self, name)
-            value = value if isinstance(value, (dict, list, bool, type(None))) else _as_plain(value)
+            value = _as_plain(getattr(self, name))
             if not any(value == ok for ok in accepted):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is a PEFT option peftfx does not support yet; "
                                   f"remove it or set it to {accepted[0]!r}.")

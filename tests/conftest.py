@@ -80,10 +80,6 @@ def bnb_dequantize_path(model: torch.nn.Module) -> torch.nn.Module:
     repacks its weight in place and runs a bf16 kernel instead (other numerics; it fails unless
     in_features % blocksize == 0 and out_features % 32 == 0). bnb decides that per module: its
     `support_avx512bf16_for_cpu` is set in `__init__` from the CPU, and read in `forward`."""
-    import bitsandbytes as bnb
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state = getattr(module.weight, "quant_state", None)
-            assert not getattr(state, "packing_format_for_cpu", False), "already repacked: pin before running it"
-            module.support_avx512bf16_for_cpu = False
+    from peftfx.tools.bench_qlora import pin_dequantize_path
+    pin_dequantize_path(model)
     return model

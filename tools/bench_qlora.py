@@ -76,6 +76,9 @@ def pin_dequantize_path(model: torch.nn.Module) -> int:
     import bitsandbytes as bnb
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for m in layers:
+        state = getattr(m.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("a bnb layer is repacked already (it ran in eval under no_grad): pin before running it")
         m.support_avx512bf16_for_cpu = False
     return len(layers)
 

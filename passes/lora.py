@@ -9,71 +9,75 @@ Mixed batches (one adapter per row) use one path for all adapters: the adapters'
 a common rank and stacked (scaling folded into B, a zero slot for rows without adapter), each row's
 pair is gathered by the row-index input, and two batched matmuls apply them.
 """
+
 from __future__ import annotations
+
+from typing import Optional, cast
 
 import torch
 from torch import fx
 
-from peftfx.adapters import MOUNT
-from peftfx.rewrite import Builder, Rule
-from peftfx.select import LINEAR_OPS, META_KEY
-from peftfx.slots import slot_path
-
-from .context import PassContext
+from peftfx.rewrite import LINEAR_OPS, Builder, Captures, P, Pass, PassContext, Rule, site_of, slot_path, store_path
+from peftfx.rewrite.layout import LinearParts
 
 aten = torch.ops.aten
 NAME = "lora"
 
 
-def _site_key(node: fx.Node):
-    site = node.meta.get(META_KEY, {}).get("site")
-    return site["key"] if site else None
+def _served_site(mixed: bool):
+    """A linear site (marked by selection) that one of the variant's LoRA adapters adapts (the bound
+    ones, or a mixed batch's); captures its key."""
 
+    def where(node: fx.Node, ctx: PassContext):
+        site = site_of(node)
+        adapters = ctx.mixed_of(NAME) if mixed else [a for _, a in ctx.positions(NAME)]
+        if site is None or not any(site.key in ctx.store.sites.get(a, {}) for a in adapters):
+            return None
+        return {"key": site.key}
 
-def _adapts(node: fx.Node, adapters, ctx: PassContext) -> bool:
-    key = _site_key(node)
-    return key is not None and any(key in ctx.store.lora.get(a, {}) for a in adapters)
+    return where
 
 
 def _weight(b: Builder, ctx: PassContext, adapter: str, key: str, which: str) -> fx.Node:
-    return b.get_attr(f"{MOUNT}.{ctx.store.lora_weight_path(key, adapter, which)}")
+    return b.get_attr(store_path(ctx.store.site_tensor_path(adapter, key, which)))
 
 
-def _insert_lora(node: fx.Node, ctx: PassContext, b: Builder) -> None:
+def _insert_lora(b: Builder, ctx: PassContext, m: Captures) -> None:
     """Add each active adapter's path, reading its tensors from the variant's slot bank (position i =
     i-th active adapter), so the graph is the same for every adapter of the same layout."""
-    key = _site_key(node)
-    x = LINEAR_OPS[node.target](node)[0]
+    node, key = m["node"], m["key"]
+    x = cast(LinearParts, LINEAR_OPS[node.target](node))[0]  # selection marks only sites it could read
     out_dtype = node.meta["val"].dtype if "val" in node.meta else None
     out = node
-    for position, adapter in enumerate(ctx.lora):
-        slot = ctx.store.lora.get(adapter, {}).get(key)
+    for position, adapter in ctx.positions(NAME):
+        slot = ctx.store.sites.get(adapter, {}).get(key)
         if slot is None:
             continue
         b.adapter = adapter
-        a_weight, _ = ctx.store.lora_weights(adapter, key)
-        cast = out_dtype is not None and a_weight.dtype != out_dtype
-        h = b.call(aten.to.dtype, x, a_weight.dtype) if cast else x
+        a_weight = ctx.store.site_tensor(adapter, key, "A")
+        recast = out_dtype is not None and a_weight.dtype != out_dtype
+        h = b.call(aten.to.dtype, x, a_weight.dtype) if recast else x
         if ctx.training and slot.dropout > 0:
             h = b.call(aten.dropout.default, h, slot.dropout, True)
         h = b.call(aten.linear.default, h, b.get_attr(slot_path(position, key, "A")))
         h = b.call(aten.linear.default, h, b.get_attr(slot_path(position, key, "B")))
         h = b.call(aten.mul.Tensor, h, b.get_attr(slot_path(position, key, "scaling")))
-        if cast:
+        if recast:
             h = b.call(aten.to.dtype, h, out_dtype)
         out = b.call(aten.add.Tensor, out, h)
     b.replace_uses(node, out)
 
 
-def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
-    key = _site_key(node)
-    x = LINEAR_OPS[node.target](node)[0]
-    slots = {a: ctx.store.lora[a][key] for a in ctx.mixed if key in ctx.store.lora.get(a, {})}
+def _insert_mixed(b: Builder, ctx: PassContext, m: Captures) -> None:
+    node, key = m["node"], m["key"]
+    x = cast(LinearParts, LINEAR_OPS[node.target](node))[0]
+    slots = {a: ctx.store.sites[a][key] for a in ctx.mixed_of(NAME) if key in ctx.store.sites.get(a, {})}
     rank = max(s.r for s in slots.values())
     first = next(iter(slots.values()))
-    dtype = ctx.store.lora_weights(next(iter(slots)), key)[0].dtype  # the adapters' math runs in it
+    dtype = ctx.store.site_tensor(next(iter(slots)), key, "A").dtype  # the adapters' math runs in it
     out_dtype = node.meta["val"].dtype if "val" in node.meta else dtype
-    stacked_a, stacked_b = [], []
+    stacked_a: list[Optional[fx.Node]] = []  # None: the adapter has no slot here (zeros below)
+    stacked_b: list[Optional[fx.Node]] = []
     for adapter in ctx.mixed:
         slot = slots.get(adapter)
         if slot is None:
@@ -83,7 +87,7 @@ def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
         b.adapter = adapter
         a = _weight(b, ctx, adapter, key, "A")
         w = _weight(b, ctx, adapter, key, "B")
-        if ctx.store.lora_weights(adapter, key)[0].dtype != dtype:
+        if ctx.store.site_tensor(adapter, key, "A").dtype != dtype:
             a, w = b.call(aten.to.dtype, a, dtype), b.call(aten.to.dtype, w, dtype)
         if slot.scaling != 1.0:
             w = b.call(aten.mul.Tensor, w, slot.scaling)
@@ -97,10 +101,10 @@ def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     some_b = next(w for w in stacked_b if w is not None)
     zero_a = b.call(aten.zeros_like.default, some_a)
     zero_b = b.call(aten.zeros_like.default, some_b)
-    stacked_a = [a if a is not None else zero_a for a in stacked_a] + [zero_a]  # last slot: no adapter
-    stacked_b = [w if w is not None else zero_b for w in stacked_b] + [zero_b]
-    a_rows = b.call(aten.index_select.default, b.call(aten.stack.default, stacked_a), 0, ctx.row_index)
-    b_rows = b.call(aten.index_select.default, b.call(aten.stack.default, stacked_b), 0, ctx.row_index)
+    bank_a = [a if a is not None else zero_a for a in stacked_a] + [zero_a]  # last slot: no adapter
+    bank_b = [w if w is not None else zero_b for w in stacked_b] + [zero_b]
+    a_rows = b.call(aten.index_select.default, b.call(aten.stack.default, bank_a), 0, ctx.row_index)
+    b_rows = b.call(aten.index_select.default, b.call(aten.stack.default, bank_b), 0, ctx.row_index)
     rows = b.call(aten.sym_size.int, ctx.row_index, 0)
     if out_dtype != dtype:
         x = b.call(aten.to.dtype, x, dtype)
@@ -113,7 +117,11 @@ def _insert_mixed(node: fx.Node, ctx: PassContext, b: Builder) -> None:
     b.replace_uses(node, out)
 
 
-RULES = (
-    Rule("mixed", lambda n, ctx: bool(ctx.mixed) and _adapts(n, ctx.mixed, ctx), _insert_mixed),
-    Rule("linear", lambda n, ctx: _adapts(n, ctx.lora, ctx), _insert_lora),
+PASS = Pass(
+    NAME,
+    rules=(
+        Rule("mixed", P(tuple(LINEAR_OPS), where=_served_site(mixed=True)), _insert_mixed),
+        Rule("linear", P(tuple(LINEAR_OPS), where=_served_site(mixed=False)), _insert_lora),
+    ),
+    applies=lambda ctx: bool(ctx.positions(NAME) or ctx.mixed_of(NAME)),
 )

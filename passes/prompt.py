@@ -11,34 +11,32 @@ After:   forward(input_ids[B, L], attention_mask[B, L], labels[B, L])
          labels = cat([full(B, P, -100), labels], 1)        # causal LMs only, as in PEFT
          token_type_ids = cat([zeros(B, P), token_type_ids], 1)
 """
+
 from __future__ import annotations
+
+from typing import Optional, cast
 
 import torch
 from torch import fx
 
-from peftfx.adapters import MOUNT
-from peftfx.graph_inputs import add_keyword_input, remove_keyword_input
-from peftfx.rewrite import Builder, Rule
-from peftfx.virtual_tokens import input_embeddings
-
-from .context import PassContext
+from peftfx.rewrite import INPUT, Builder, Captures, Pass, PassContext, Rule, store_path
+from peftfx.rewrite.graph_inputs import add_keyword_input, remove_keyword_input
 
 aten = torch.ops.aten
 NAME = "prompt"
 
 
-def _is_input(name: str):
-    def match(node: fx.Node, ctx: PassContext) -> bool:
-        return (ctx.serves_prompt("PROMPT_TUNING")
-                and node.op == "placeholder" and node.target == name)
-    return match
-
-
-def _attr_path(gm: fx.GraphModule, tensor: torch.Tensor) -> str:
+def _attr_path(gm: fx.GraphModule, tensor: torch.Tensor) -> Optional[str]:
     for name, value in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers()):
         if value is tensor:
             return name
-    raise KeyError("the token embedding weight is not a tensor of the captured graph")
+    return None
+
+
+def _validate(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Token ids are embedded with the model's own embedding weight, which the graph must read."""
+    if ctx.prompt[1] == "input_ids" and _attr_path(gm, ctx.model.get_input_embeddings().weight) is None:
+        raise KeyError("the token embedding weight is not a tensor of the captured graph")
 
 
 def _batch_and_pad(b: Builder, like: fx.Node, value, p: int) -> fx.Node:
@@ -46,16 +44,17 @@ def _batch_and_pad(b: Builder, like: fx.Node, value, p: int) -> fx.Node:
     return b.call(aten.cat.default, [b.call(aten.new_full.default, like, [rows, p], value), like], 1)
 
 
-def _embeds(node: fx.Node, ctx: PassContext, b: Builder) -> None:
+def _embeds(b: Builder, ctx: PassContext, m: Captures) -> None:
     """inputs_embeds := cat(prompt, embed(input_ids)) (or cat(prompt, the user's inputs_embeds))."""
+    node = m["node"]
     adapter, source = ctx.prompt
     b.adapter = adapter
-    gm = node.graph.owning_module
+    gm = b.gm
     if source == "input_ids":
         ids = add_keyword_input(gm, "input_ids")
         b.continue_after(ids)
-        embedding = input_embeddings(ctx.model)
-        weight = b.get_attr(_attr_path(gm, embedding.weight))
+        embedding = ctx.model.get_input_embeddings()  # checked when the adapter was added
+        weight = b.get_attr(cast(str, _attr_path(gm, embedding.weight)))  # _validate found it
         embeds = b.call(aten.embedding.default, weight, ids)
         scale = getattr(embedding, "embed_scale", None)
         if scale is not None:  # transformers' *ScaledWordEmbedding: embedding(ids) * embed_scale (Gemma, BioGPT)
@@ -63,7 +62,7 @@ def _embeds(node: fx.Node, ctx: PassContext, b: Builder) -> None:
             embeds = b.call(aten.mul.Tensor, embeds, float(scale))
     else:
         embeds = node
-    prompt = b.get_attr(f"{MOUNT}.{ctx.store.prompt_weight_path(adapter)}")
+    prompt = b.get_attr(store_path(ctx.store.prompt_weight_path(adapter)))
     rows = b.call(aten.sym_size.int, embeds, 0)
     prompt = b.call(aten.expand.default, b.call(aten.unsqueeze.default, prompt, 0), [rows, -1, -1])
     prompt = b.call(aten.to.dtype, prompt, node.meta["val"].dtype)
@@ -73,19 +72,26 @@ def _embeds(node: fx.Node, ctx: PassContext, b: Builder) -> None:
 
 
 def _pad_with(value):
-    def apply(node: fx.Node, ctx: PassContext, b: Builder) -> None:
+    def apply(b: Builder, ctx: PassContext, m: Captures) -> None:
+        node = m["node"]
         b.adapter = ctx.prompt[0]
         b.replace_uses(node, _batch_and_pad(b, node, value, ctx.prompt_config.num_virtual_tokens))
+
     return apply
 
 
-def _causal_labels(node: fx.Node, ctx: PassContext) -> bool:
-    return _is_input("labels")(node, ctx) and ctx.prompt_config.task_type == "CAUSAL_LM"
+def _causal(node: fx.Node, ctx: PassContext) -> bool:
+    return ctx.prompt_config.task_type == "CAUSAL_LM"
 
 
-RULES = (
-    Rule("embeds", _is_input("inputs_embeds"), _embeds),
-    Rule("mask", _is_input("attention_mask"), _pad_with(1)),
-    Rule("labels", _causal_labels, _pad_with(-100)),
-    Rule("token_types", _is_input("token_type_ids"), _pad_with(0)),
+PASS = Pass(
+    NAME,
+    rules=(
+        Rule("embeds", INPUT("inputs_embeds"), _embeds),
+        Rule("mask", INPUT("attention_mask"), _pad_with(1)),
+        Rule("labels", INPUT("labels", where=_causal), _pad_with(-100)),
+        Rule("token_types", INPUT("token_type_ids"), _pad_with(0)),
+    ),
+    applies=lambda ctx: ctx.serves_prompt("PROMPT_TUNING"),
+    validate=_validate,
 )

@@ -16,18 +16,17 @@ grouped_attention  sdpa(q, repeat_kv(k), repeat_kv(v)) with repeat_kv = unsqueez
 
 Outputs are unchanged (tests/test_simplify.py compares the graphs bit for bit).
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 from torch.fx.operator_schemas import normalize_function
 
-from peftfx.rewrite import Builder, Rule
-
-from .context import PassContext
+from peftfx.rewrite import ANY, Builder, Captures, P, Pass, PassContext, Rule
 
 aten = torch.ops.aten
 NAME = "simplify"
@@ -40,10 +39,6 @@ def _val(node: Any) -> Optional[torch.Tensor]:
     """The example value export recorded for a node (None for nodes a pass inserted)."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _call(node: Any, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
 
 
 def _same_kind(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
@@ -66,10 +61,16 @@ def _written_later(node: fx.Node) -> bool:
     return False
 
 
+def _drop(b: Builder, ctx: PassContext, m: Captures) -> None:
+    b.replace_uses(m["node"], m["x"])
+
+
 # -- noop_cast -----------------------------------------------------------------------------------------
 
+
 def _is_noop_cast(node: fx.Node, ctx: PassContext) -> bool:
-    if ctx.training or node.op != "call_function" or node.target not in _CASTS:
+    """x.to(...) that returns x itself: same dtype and device, no copy, no other memory format."""
+    if node.op != "call_function" or node.target not in _CASTS:
         return False
     normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     options = normalized.kwargs if normalized else {}
@@ -78,61 +79,80 @@ def _is_noop_cast(node: fx.Node, ctx: PassContext) -> bool:
     return _same_kind(_val(node.args[0]), _val(node))
 
 
-def _drop(node: fx.Node, ctx: PassContext, b: Builder) -> None:
-    node.replace_all_uses_with(node.args[0])
-
-
 # -- identity --------------------------------------------------------------------------------------------
 
+
 def _is_identity(node: fx.Node, ctx: PassContext) -> bool:
-    if ctx.training or node.op != "call_function" or node.target not in _IDENTITY or node.kwargs:
+    """x op c with c the op's identity element, result of x's shape, strides and dtype, never written."""
+    if node.op != "call_function" or node.target not in _IDENTITY or node.kwargs:
         return False
     x, other = node.args
     if isinstance(other, bool) or not isinstance(other, (int, float)) or other != _IDENTITY[node.target]:
         return False
     before, after = _val(x), _val(node)
-    return (_same_kind(before, after) and statically_known_true(sym_eq(before.shape, after.shape))
-            and statically_known_true(sym_eq(before.stride(), after.stride())) and not _written_later(node))
+    if before is None or after is None:  # a node a pass inserted (no recorded value)
+        return False
+    return (
+        _same_kind(before, after)
+        and statically_known_true(sym_eq(before.shape, after.shape))
+        and statically_known_true(sym_eq(before.stride(), after.stride()))
+        and not _written_later(node)
+    )
 
 
 # -- grouped_attention -----------------------------------------------------------------------------------
 
-def _grouped_source(node: Any) -> Optional[tuple[fx.Node, int]]:
-    """(k, groups) when `node` is reshape(expand(unsqueeze(k, 2), [b, h, g, s, d]), [b, h * g, s, d])."""
-    if not (_call(node, aten.reshape.default) and _call(node.args[0], aten.expand.default)):
-        return None
-    expanded = node.args[0]
-    unsqueezed = expanded.args[0]
-    if not (_call(unsqueezed, aten.unsqueeze.default) and unsqueezed.args[1] == 2):
-        return None
-    source = unsqueezed.args[0]
-    k, wide, out = _val(source), _val(expanded), _val(node)
+
+def _groups(repeated: fx.Node) -> Optional[int]:
+    """For reshape(expand(unsqueeze(k, 2), [b, h, g, s, d]), [b, h * g, s, d]) (the pattern below matched
+    its shape): g, when export's shapes confirm it (static head counts, h * g heads out)."""
+    expanded = cast(fx.Node, repeated.args[0])
+    unsqueezed = cast(fx.Node, expanded.args[0])
+    k, wide, out = _val(unsqueezed.args[0]), _val(expanded), _val(repeated)
     if k is None or wide is None or out is None or k.dim() != 4 or wide.dim() != 5 or out.dim() != 4:
         return None
     heads, groups = k.shape[1], wide.shape[2]
     if not all(isinstance(n, int) for n in (heads, groups, out.shape[1])) or out.shape[1] != heads * groups:
         return None
-    return source, groups
+    return groups
 
 
-def _is_grouped_attention(node: fx.Node, ctx: PassContext) -> bool:
-    if ctx.training or not _call(node, _SDPA) or node.kwargs.get("enable_gqa") or len(node.args) < 3:
-        return False
+def _repeat_kv(name: str) -> P:
+    """transformers' repeat_kv of the grouped heads captured as `name`."""
+    return P(
+        aten.reshape.default,
+        P(aten.expand.default, P(aten.unsqueeze.default, ANY(name), 2)),
+        where=lambda node, ctx: _groups(node) is not None,
+    )
+
+
+def _reads_repeated_heads(node: fx.Node, ctx: PassContext) -> bool:
+    """A CPU sdpa not already grouped, whose keys and values repeat their heads the same number of times."""
     q = _val(node.args[0])
-    if q is None or q.device.type != "cpu":
-        return False
-    k, v = _grouped_source(node.args[1]), _grouped_source(node.args[2])
-    return k is not None and v is not None and k[1] == v[1]
+    return (
+        not node.kwargs.get("enable_gqa")
+        and q is not None
+        and q.device.type == "cpu"
+        and _groups(cast(fx.Node, node.args[1])) == _groups(cast(fx.Node, node.args[2]))
+    )
 
 
-def _read_grouped(node: fx.Node, ctx: PassContext, b: Builder) -> None:
-    (k, _), (v, _) = _grouped_source(node.args[1]), _grouped_source(node.args[2])
-    node.args = (node.args[0], k, v, *node.args[3:])
-    node.kwargs = {**node.kwargs, "enable_gqa": True}
+def _read_grouped(b: Builder, ctx: PassContext, m: Captures) -> None:
+    node = m["node"]
+    b.set_args(node, (node.args[0], m["k"], m["v"], *node.args[3:]), {**node.kwargs, "enable_gqa": True})
 
 
-RULES = (
-    Rule("noop_cast", _is_noop_cast, _drop),
-    Rule("identity", _is_identity, _drop),
-    Rule("grouped_attention", _is_grouped_attention, _read_grouped),
+PASS = Pass(
+    NAME,
+    rules=(
+        Rule("noop_cast", P(_CASTS, ANY("x"), where=_is_noop_cast), _drop),
+        Rule("identity", P(tuple(_IDENTITY), ANY("x"), ANY(), nargs=2, where=_is_identity), _drop),
+        Rule(
+            "grouped_attention",
+            P(_SDPA, ANY("q"), _repeat_kv("k"), _repeat_kv("v"), where=_reads_repeated_heads),
+            _read_grouped,
+        ),
+    ),
+    applies=lambda ctx: not ctx.training,
+    provenance=False,  # restructures what export recorded (no node of its own to draw)
 )

@@ -1,4 +1,5 @@
 """The entry points: `apply` a config to a model, `load` a saved adapter onto a model."""
+
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -7,12 +8,17 @@ import torch
 
 from .model import DEFAULT_ADAPTER, PeftFxModel
 
-ExampleInputs = Union[dict[str, Any], tuple, None]
+ExampleInputs = Union[dict[str, Any], tuple[Any, ...], None]
 
 
-def apply(model: torch.nn.Module, config: Any, adapter_name: str = DEFAULT_ADAPTER,
-          example_inputs: ExampleInputs = None,
-          dynamic_axes: Optional[dict[str, dict[int, str]]] = None, quantization: Any = None) -> PeftFxModel:
+def apply(
+    model: torch.nn.Module,
+    config: Any,
+    adapter_name: str = DEFAULT_ADAPTER,
+    example_inputs: ExampleInputs = None,
+    dynamic_axes: Optional[dict[str, dict[int, str]]] = None,
+    quantization: Any = None,
+) -> PeftFxModel:
     """Capture `model` and add an adapter described by `config` (a peftfx or peft config).
 
     transformers models need no example inputs; any other nn.Module needs `example_inputs` (a dict of
@@ -28,8 +34,12 @@ def apply(model: torch.nn.Module, config: Any, adapter_name: str = DEFAULT_ADAPT
     return pm
 
 
-def quantize(model: torch.nn.Module, config: Any, example_inputs: ExampleInputs = None,
-             dynamic_axes: Optional[dict[str, dict[int, str]]] = None) -> PeftFxModel:
+def quantize(
+    model: torch.nn.Module,
+    config: Any,
+    example_inputs: ExampleInputs = None,
+    dynamic_axes: Optional[dict[str, dict[int, str]]] = None,
+) -> PeftFxModel:
     """Capture `model` with its base linears in bitsandbytes 4-bit or 8-bit form and no adapter yet
     (add some with `add_adapter`). `pm.quantization_report` holds the bytes before and after."""
     pm = PeftFxModel(model, example_inputs=example_inputs, dynamic_axes=dynamic_axes)
@@ -37,10 +47,17 @@ def quantize(model: torch.nn.Module, config: Any, example_inputs: ExampleInputs 
     return pm
 
 
-def load(model: torch.nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
-         is_trainable: bool = False, subfolder: Optional[str] = None, revision: Optional[str] = None,
-         example_inputs: ExampleInputs = None,
-         dynamic_axes: Optional[dict[str, dict[int, str]]] = None, quantization: Any = None) -> PeftFxModel:
+def load(
+    model: torch.nn.Module,
+    model_id: str,
+    adapter_name: str = DEFAULT_ADAPTER,
+    is_trainable: bool = False,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    example_inputs: ExampleInputs = None,
+    dynamic_axes: Optional[dict[str, dict[int, str]]] = None,
+    quantization: Any = None,
+) -> PeftFxModel:
     """Load an adapter saved by peftfx or HF PEFT (a folder or a hub repo id) onto `model`.
 
     As with `PeftModel.from_pretrained`, the adapter is frozen unless `is_trainable=True`.

@@ -11,6 +11,7 @@ graph: torch.compile, export and the visualizer see exactly what the passes wrot
 A binding is listed only where it takes the overload's arguments unchanged (same order, same keyword
 names); nodes whose keywords the binding does not take keep their overload.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,8 @@ BINDINGS: dict[torch._ops.OpOverload, tuple[Callable, frozenset]] = {
     aten.layer_norm.default: (torch.layer_norm, frozenset()),
     aten.scaled_dot_product_attention.default: (
         torch._C._nn.scaled_dot_product_attention,
-        frozenset({"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"})),
+        frozenset({"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}),
+    ),
     aten.cat.default: (torch.cat, frozenset()),
     aten.view.default: (Tensor.view, frozenset()),
     aten.reshape.default: (torch.reshape, frozenset()),

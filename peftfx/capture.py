@@ -9,6 +9,7 @@ The model is captured in the mode it will run in (train or eval), because transf
 Python branches on `self.training` (dropout probabilities inside attention, for example) that are baked
 into the graph at capture time.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,14 @@ from .errors import CaptureError, ConfigError
 
 # Inputs of transformers models whose dimension 1 is the sequence length.
 SEQUENCE_INPUTS = {
-    "input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "inputs_embeds",
-    "decoder_input_ids", "decoder_attention_mask",
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "labels",
+    "inputs_embeds",
+    "decoder_input_ids",
+    "decoder_attention_mask",
 }
 MIN_EXAMPLE_SIZE = 2  # export specialises sizes 0 and 1, so examples are grown to at least 2
 MAX_BATCH = 1 << 16
@@ -45,7 +52,7 @@ class Signature:
 
     @staticmethod
     def of(kwargs: dict[str, Any], training: bool) -> "Signature":
-        parts = []
+        parts: list[tuple[Any, ...]] = []
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 parts.append((name, "tensor", str(value.dtype), value.dim(), str(value.device)))
@@ -91,7 +98,7 @@ class Capture:
         and export's own per-call check re-evaluates sympy guards (a third of a tiny model's call).
         """
         gm = self.program.module(check_guards=False)
-        gm.validate_inputs = False
+        gm.validate_inputs = False  # type: ignore[assignment]  # export's own flag, not declared on GraphModule
         return gm
 
 
@@ -127,6 +134,19 @@ class Capturer:
     def clear(self) -> None:
         self.captures.clear()
 
+    def all(self) -> list[Capture]:
+        """Every capture made (forward and decode), oldest first per signature."""
+        return [c for captures in self.captures.values() for c in captures]
+
+    def find(self, signature: Signature) -> Optional[Capture]:
+        """The first capture of a signature (for graphs keyed by signature alone, as decode graphs)."""
+        found = self.captures.get(signature)
+        return found[0] if found else None
+
+    def add(self, capture: Capture) -> None:
+        """Keep a capture made elsewhere (a decode graph), so `.to()` and quantization drop it like the rest."""
+        self.captures.setdefault(capture.signature, []).append(capture)
+
     def prepare_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Name the inputs; HF models get use_cache=False (the forward graph has no KV cache)."""
         named = normalize_call(self.forward_signature, args, kwargs)
@@ -134,11 +154,14 @@ class Capturer:
             if not isinstance(value, (torch.Tensor, bool, int, float, str)):
                 raise TypeError(
                     f"input {name!r} is a {type(value).__name__}; peftfx captures tensors and plain "
-                    "constants only (KV caches come with generate()).")
+                    "constants only (KV caches come with generate())."
+                )
         if self.is_hf and "use_cache" in self.forward_signature.parameters:
             if named.get("use_cache"):
-                raise ValueError("use_cache=True is not supported: peftfx captures the forward graph without a KV "
-                                 "cache; drop use_cache (decoding with a cache is not implemented yet).")
+                raise ValueError(
+                    "use_cache=True is not supported: peftfx captures the forward graph without a KV "
+                    "cache; drop use_cache (decoding with a cache is not implemented yet)."
+                )
             named["use_cache"] = False
         if self.is_hf:
             check_sequence_shapes(named, not getattr(self.model.config, "is_encoder_decoder", False))
@@ -153,9 +176,7 @@ class Capturer:
         self.captures.setdefault(signature, []).append(capture)
         return capture
 
-    # -- internals -------------------------------------------------------------------------------
-
-    def _axes_for(self, name: str, value: torch.Tensor, batch: Optional[int] = None) -> dict[int, str]:
+    def axes_for(self, name: str, value: torch.Tensor, batch: Optional[int] = None) -> dict[int, str]:
         """The dynamic dims of one input. `batch`, the call's batch size: an input whose dim 0 is 1 in a
         larger batch is broadcast over it (HF takes position_ids [1, S] with input_ids [B, S]), so that dim
         stays a static 1 instead of being tied to the batch."""
@@ -168,7 +189,8 @@ class Capturer:
             axes.update(dict.fromkeys(_sequence_axes(name, value), "seq"))
         return axes
 
-    def _max_seq(self) -> int:
+    def max_seq(self) -> int:
+        """The longest sequence the model's config allows (its position table), else MAX_BATCH."""
         config = getattr(self.model, "config", None)
         for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
             value = getattr(config, attr, None)
@@ -182,13 +204,19 @@ class Capturer:
         torch_compile) reaching here runs export eagerly, as outside dynamo, so the named Dims and their
         bounds hold (traced by dynamo, export fails on them and the AUTO retry proves only [2, oo])."""
         batch = call_batch(kwargs)
-        axes = {n: self._axes_for(n, v, batch) for n, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        axes = {n: self.axes_for(n, v, batch) for n, v in kwargs.items() if isinstance(v, torch.Tensor)}
         # Clones: export merges inputs that alias one tensor (labels=input_ids), which would bake the alias in.
-        example = {n: _grow(v, axes.get(n, {})).clone() if isinstance(v, torch.Tensor) else v
-                   for n, v in kwargs.items()}
-        max_seq = self._max_seq()
-        lengths = [v.shape[a] for n, v in example.items() if isinstance(v, torch.Tensor)
-                   for a, d in axes.get(n, {}).items() if d == "seq"]
+        example = {
+            n: _grow(v, axes.get(n, {})).clone() if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()
+        }
+        max_seq = self.max_seq()
+        lengths = [
+            v.shape[a]
+            for n, v in example.items()
+            if isinstance(v, torch.Tensor)
+            for a, d in axes.get(n, {}).items()
+            if d == "seq"
+        ]
         if lengths and max(lengths) > max_seq:
             # The model runs sequences past its position table (rotary positions do): this capture serves
             # every longer length, so the next long call reuses it instead of capturing again.
@@ -224,18 +252,24 @@ def check_sequence_shapes(named: dict[str, Any], labels_follow_tokens: bool = Tr
         if four_d_mask:
             return shape[2:] == (length, length)
         if name == "labels":
-            return (len(shape) < 2 or torch.is_floating_point(named[name]) or not labels_follow_tokens
-                    or shape[1] == length)
+            return (
+                len(shape) < 2 or torch.is_floating_point(named[name]) or not labels_follow_tokens or shape[1] == length
+            )
         return len(shape) >= 2 and shape[1] == length
 
-    checked = [n for n in shapes if n in SEQUENCE_INPUTS and n not in ("input_ids", "inputs_embeds")
-               and not n.startswith("decoder_")]
+    checked = [
+        n
+        for n in shapes
+        if n in SEQUENCE_INPUTS and n not in ("input_ids", "inputs_embeds") and not n.startswith("decoder_")
+    ]
     wrong = [n for n in checked if not fits(n, shapes[n])]
     if wrong:
         given = ", ".join(f"{n} {list(shapes[n])}" for n in [main] + checked)
-        raise ConfigError(f"input shapes do not fit together: {', '.join(wrong)} must match the batch size and "
-                          f"sequence length of {main} (dim 0 may be 1 for {sorted(BROADCAST_INPUTS)} and 4-D "
-                          f"attention masks); got {given}.")
+        raise ConfigError(
+            f"input shapes do not fit together: {', '.join(wrong)} must match the batch size and "
+            f"sequence length of {main} (dim 0 may be 1 for {sorted(BROADCAST_INPUTS)} and 4-D "
+            f"attention masks); got {given}."
+        )
 
 
 def call_batch(kwargs: dict[str, Any]) -> int:
@@ -251,15 +285,15 @@ def _sequence_axes(name: str, value: torch.Tensor) -> tuple[int, ...]:
     return (1,)
 
 
-def export_dynamic(module: torch.nn.Module, example: dict[str, Any], axes: dict[str, dict[int, str]],
-                   max_seq: int) -> torch.export.ExportedProgram:
+def export_dynamic(
+    module: torch.nn.Module, example: dict[str, Any], axes: dict[str, dict[int, str]], max_seq: int
+) -> torch.export.ExportedProgram:
     """torch.export (non-strict) with the named dims `axes` ("batch", "seq", ...) dynamic.
 
     Named Dims first; if export rejects them (a model bounds or guards a size, as BERT does its sequence
     length), once more with Dim.AUTO on the same axes, which adopts the bounds the model proves."""
     dims = {"batch": Dim("batch", min=1, max=MAX_BATCH), "seq": Dim("seq", min=1, max=max_seq)}
-    named_dims = {n: ({a: dims.get(d) or Dim(d) for a, d in axes[n].items()} if n in axes else None)
-                  for n in example}
+    named_dims = {n: ({a: dims.get(d) or Dim(d) for a, d in axes[n].items()} if n in axes else None) for n in example}
     auto_dims = {n: ({a: Dim.AUTO for a in ax} if ax is not None else None) for n, ax in named_dims.items()}
     errors = []
     for dynamic_shapes in (named_dims, auto_dims):
@@ -269,8 +303,8 @@ def export_dynamic(module: torch.nn.Module, example: dict[str, Any], axes: dict[
         except Exception as exc:  # torch raises many types; we retry once with AUTO dims
             errors.append(exc)
     raise CaptureError(
-        f"torch.export could not capture {type(module).__name__} with inputs {sorted(example)}: "
-        f"{errors[-1]}") from errors[-1]
+        f"torch.export could not capture {type(module).__name__} with inputs {sorted(example)}: {errors[-1]}"
+    ) from errors[-1]
 
 
 def _grow(value: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
@@ -299,8 +333,9 @@ def _dim_ranges(program: torch.export.ExportedProgram, example: dict[str, Any]) 
             continue
         val = placeholders[ph_name].meta.get("val")
         ranges[leaf_name] = tuple(dim_range(program, size) for size in val.shape)
-        symbols[leaf_name] = tuple(str(size.node.expr) if isinstance(size, torch.SymInt) else None
-                                   for size in val.shape)
+        symbols[leaf_name] = tuple(
+            str(size.node.expr) if isinstance(size, torch.SymInt) else None for size in val.shape
+        )
     return ranges, symbols
 
 
@@ -358,8 +393,9 @@ def _keyword_forward(model: torch.nn.Module, names: list[str]):
     def forward(**kwargs):
         return bound(**kwargs)
 
-    forward.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names])
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # read by inspect.signature
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
+    )
     model.forward = forward
     try:
         yield

@@ -9,6 +9,7 @@ bound. peftfx records the keys made while it builds a graph and releases them wh
 Keys are told apart by their number: `made_since(n)` is every key numbered n or above. Graphs built at the
 same time by another thread would be counted in, which only costs them their traceback source lines.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,16 +4,18 @@ Each rule maps the adapters present at one site, with their weights, to the new 
 The new adapter has r = lora_alpha = the combined rank, as in PEFT, so its scaling is 1 (sqrt(r) with
 rsLoRA); the adapters' own scalings are folded into the combined matrices.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 
-from .adapters import AdapterStore
+from .config import LoraConfig
 from .errors import ConfigError
+from .state.store import AdapterStore
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ def _cat(parts: list[Part], rank: int, options: dict) -> tuple[torch.Tensor, tor
 
 def _svd(parts: list[Part], rank: int, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
     delta = sum(p.weight * (p.b @ p.a) * p.scaling for p in parts)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=options.get("svd_full_matrices", True),
-                                driver=options.get("svd_driver"))
+    u, s, vh = torch.linalg.svd(
+        delta, full_matrices=options.get("svd_full_matrices", True), driver=options.get("svd_driver")
+    )
     u = u[:, :rank] @ torch.diag(s[:rank])
     vh = vh[:rank, :]
     clamp = options.get("svd_clamp")
@@ -63,8 +66,7 @@ COMBINATIONS: dict[str, Callable[[list[Part], int, dict], tuple[torch.Tensor, to
 }
 
 
-def combined_rank(store: AdapterStore, adapters: list[str], combination_type: str,
-                  svd_rank: Optional[int]) -> int:
+def combined_rank(store: AdapterStore, adapters: list[str], combination_type: str, svd_rank: Optional[int]) -> int:
     """PEFT's rank rule: linear needs equal ranks, cat sums them, svd takes svd_rank or the largest."""
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type {combination_type!r} is not supported; use one of {sorted(COMBINATIONS)}.")
@@ -72,25 +74,35 @@ def combined_rank(store: AdapterStore, adapters: list[str], combination_type: st
     if missing:
         raise ConfigError(f"cannot combine unknown adapter(s) {missing}; loaded: {store.adapter_names()}.")
     # the largest rank any site of an adapter may have, as PEFT allocates
-    ranks = [max([store.configs[a].r, *store.configs[a].rank_pattern.values()]) for a in adapters]
+    configs = [cast(LoraConfig, store.configs[a]) for a in adapters]  # only LoRA's method can_combine
+    ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
     if combination_type == "linear":
         if len(set(ranks)) != 1:
-            raise ConfigError(f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}; "
-                              "use 'cat' or 'svd'.")
+            raise ConfigError(
+                f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}; use 'cat' or 'svd'."
+            )
         return ranks[0]
     if combination_type == "cat":
         return sum(ranks)
     return svd_rank or max(ranks)
 
 
-def combine_site(store: AdapterStore, key: str, adapters: list[str], weights: list[float],
-                 combination_type: str, rank: int, options: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def combine_site(
+    store: AdapterStore,
+    key: str,
+    adapters: list[str],
+    weights: list[float],
+    combination_type: str,
+    rank: int,
+    options: dict,
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The new (A, B) at one site, padded to `rank`; None where no source adapter touches the site."""
     parts = []
     for adapter, weight in zip(adapters, weights):
-        slot = store.lora.get(adapter, {}).get(key)
+        slot = store.sites.get(adapter, {}).get(key)
         if slot is not None:
-            a, b = store.lora_weights(adapter, key)
+            tensors = store.site_tensors(adapter)[key]
+            a, b = tensors["A"], tensors["B"]
             parts.append(Part(a.detach(), b.detach(), slot.scaling, float(weight)))
     if not parts:
         return None

@@ -23,3 +23,23 @@ class AdapterNotFoundError(PeftFxError, FileNotFoundError):
 
 class CaptureError(PeftFxError, RuntimeError):
     """torch.export could not capture the model for the given inputs."""
+
+
+class GraphvizNotFoundError(PeftFxError, RuntimeError):
+    """graphviz's `dot` program is needed to write .svg/.png/.pdf/.html and is not installed."""
+
+
+class ExportError(PeftFxError, ValueError):
+    """The model cannot be exported as asked; the message says what to change."""
+
+
+class UnsafeMergeError(PeftFxError, ValueError):
+    """safe_merge found NaN or Inf in a merged weight; nothing was changed."""
+
+
+class MissingDependencyError(PeftFxError, ImportError):
+    """An optional dependency a feature needs is not installed."""
+
+
+class DemoError(PeftFxError, RuntimeError):
+    """A check of `peftfx demo` failed (for example reloaded logits differ)."""

@@ -14,11 +14,12 @@ graph rewrite here: their virtual tokens live in the cache. Prompt tuning feeds 
 learned rows in front for the prefill; prefix tuning writes its keys and values into the first P cache
 entries before the prefill. Positions and masks follow HF PEFT's `generate` exactly (see `_Plan`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -26,15 +27,26 @@ from torch.export import Dim
 
 from .capture import MAX_BATCH, Capture, Signature, module_mode
 from .errors import CaptureError, ConfigError
-from .prompt_config import PrefixTuningConfig
-from .state import VariantSpec
+from .state.variants import VariantSpec
 from .virtual_tokens import input_embeddings
 
 DECODE_MARK = "peftfx-decode"  # marks decode captures among a Capturer's forward captures
 WRAPPER_PREFIX = "model"  # DecodeStep's attribute holding the user's model
 SOURCES = ("input_ids", "inputs_embeds")
-SUPPORTED = ("input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-             "eos_token_id", "pad_token_id", "generator", "seed", "adapter_names")
+SUPPORTED = (
+    "input_ids",
+    "attention_mask",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "eos_token_id",
+    "pad_token_id",
+    "generator",
+    "seed",
+    "adapter_names",
+)
 
 
 class DecodeStep(nn.Module):
@@ -45,13 +57,23 @@ class DecodeStep(nn.Module):
         self.model = model
         self.source = source
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache_length: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_length: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
         from transformers.cache_utils import StaticCache, StaticLayer
+
         cache = StaticCache(config=self.model.config, max_cache_len=keys[0].shape[2])
         if len(cache.layers) != len(keys) or any(type(layer) is not StaticLayer for layer in cache.layers):
-            raise CaptureError("generate supports models whose static cache is one full-attention StaticLayer per "
-                               "layer (no sliding-window or hybrid caches).")
+            raise CaptureError(
+                "generate supports models whose static cache is one full-attention StaticLayer per "
+                "layer (no sliding-window or hybrid caches)."
+            )
         for layer, k, v in zip(cache.layers, keys, values):
             layer.keys, layer.values = k, v  # the graph's inputs: index_copy_ into them is an input mutation
             layer.cumulative_length = cache_length.clone()
@@ -61,36 +83,47 @@ class DecodeStep(nn.Module):
             layer.is_initialized = True
         takes = inspect.signature(self.model.forward).parameters
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # as transformers' generate
-        out = self.model(**{self.source: tokens}, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **last_only)
+        out = self.model(
+            **{self.source: tokens},
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **last_only,
+        )
         return out.logits[:, -1]
 
 
 # -- capture ------------------------------------------------------------------------------------------
 
+
 def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of an HF decoder's KV cache, from its config."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # None fails below with the AttributeError reported
     try:
         layers = config.num_hidden_layers
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     except AttributeError as exc:
-        raise ConfigError(f"generate needs a transformers decoder LM (a config with layer and head counts); "
-                          f"{type(model).__name__} has none: {exc}") from None
+        raise ConfigError(
+            f"generate needs a transformers decoder LM (a config with layer and head counts); "
+            f"{type(model).__name__} has none: {exc}"
+        ) from None
     return int(layers), int(kv_heads), int(head_dim)
 
 
 def _cache_dtype(model: nn.Module) -> torch.dtype:
-    return input_embeddings(model).weight.dtype
+    return cast(torch.Tensor, input_embeddings(model).weight).dtype
 
 
 def _empty_cache(model: nn.Module, batch: int, length: int, device) -> tuple[list, list]:
     layers, kv_heads, head_dim = cache_geometry(model)
     dtype = _cache_dtype(model)
-    make = lambda: [torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)  # noqa: E731
-                    for _ in range(layers)]
+
+    def make() -> list[torch.Tensor]:
+        return [torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+
     return make(), make()
 
 
@@ -103,8 +136,9 @@ def _strip_wrapper(program: torch.export.ExportedProgram) -> None:
         if not stack:
             continue
         node.meta["nn_module_stack"] = {
-            key: ((path[len(prefix):] if path.startswith(prefix) else "" if path == WRAPPER_PREFIX else path), kind)
-            for key, (path, kind) in stack.items()}
+            key: ((path[len(prefix) :] if path.startswith(prefix) else "" if path == WRAPPER_PREFIX else path), kind)
+            for key, (path, kind) in stack.items()
+        }
 
 
 def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> None:
@@ -121,25 +155,36 @@ def decode_capture(pm: Any, source: str) -> Capture:
     """The decode graph of `pm`'s model taking `source` (token ids or embeddings), captured once and
     kept with the forward captures (so `.to()` and quantization drop it like them)."""
     model = pm.base_model
-    device = input_embeddings(model).weight.device
+    weight = cast(torch.Tensor, input_embeddings(model).weight)
+    device = weight.device
     signature = Signature(((DECODE_MARK, source, str(_cache_dtype(model)), str(device)),), training=False)
-    found = pm._capturer.captures.get(signature)
-    if found:
-        return found[0]
+    found = pm.state.capturer.find(signature)
+    if found is not None:
+        return found
     batch, new, length = 2, 3, 8  # example sizes: all > 1 so export keeps them symbolic
     if source == "input_ids":
         tokens = torch.ones(batch, new, dtype=torch.long, device=device)
     else:
-        tokens = torch.zeros(batch, new, input_embeddings(model).weight.shape[1], dtype=_cache_dtype(model),
-                             device=device)
+        tokens = torch.zeros(batch, new, weight.shape[1], dtype=_cache_dtype(model), device=device)
     keys, values = _empty_cache(model, batch, length, device)
-    example = dict(tokens=tokens, attention_mask=torch.ones(batch, length, dtype=torch.long, device=device),
-                   position_ids=torch.arange(new, device=device).expand(batch, new),
-                   cache_length=torch.tensor(0, device=device), keys=keys, values=values)
+    example = dict(
+        tokens=tokens,
+        attention_mask=torch.ones(batch, length, dtype=torch.long, device=device),
+        position_ids=torch.arange(new, device=device).expand(batch, new),
+        cache_length=torch.tensor(0, device=device),
+        keys=keys,
+        values=values,
+    )
     b, t, c = Dim("batch", min=1, max=MAX_BATCH), Dim("new", min=1, max=MAX_BATCH), Dim("cache", min=2, max=MAX_BATCH)
     per_layer = [{0: b, 2: c}] * len(keys)
-    shapes = dict(tokens={0: b, 1: t}, attention_mask={0: b, 1: c}, position_ids={0: b, 1: t}, cache_length=None,
-                  keys=per_layer, values=list(per_layer))
+    shapes = dict(
+        tokens={0: b, 1: t},
+        attention_mask={0: b, 1: c},
+        position_ids={0: b, 1: t},
+        cache_length=None,
+        keys=per_layer,
+        values=list(per_layer),
+    )
     try:
         with module_mode(model, False):
             program = torch.export.export(DecodeStep(model, source), (), example, dynamic_shapes=shapes, strict=False)
@@ -150,11 +195,12 @@ def decode_capture(pm: Any, source: str) -> Capture:
     _strip_wrapper(program)
     _drop_metadata_asserts(program)
     capture = Capture(signature, program, fuse_eager=False)
-    pm._capturer.captures[signature] = [capture]
+    pm.state.capturer.add(capture)
     return capture
 
 
 # -- the decode plan: what the cache, masks and positions hold for the active adapters -----------------
+
 
 @dataclasses.dataclass
 class _Plan:
@@ -174,31 +220,21 @@ class _Plan:
 
 
 def _plan(pm: Any) -> tuple[_Plan, Optional[VariantSpec]]:
-    """The plan for the active adapters, and the variant spec for a prompt-learning one (None: the
-    state manager's usual LoRA/merged/disabled variant)."""
-    adapter = pm._prompt_adapter()
+    """The plan for the active adapters, and the variant spec for an adapter whose method feeds the
+    decode graph itself (`AdapterMethod.decode_plan`, prompt learning: its virtual tokens go into the
+    cache or the embeddings, so the graph is the base one plus its saved modules). None: the state's
+    usual variant (LoRA, merged, disabled)."""
+    state = pm.state
+    adapter = state.input_adapter()
     if adapter is None:
         return _Plan(), None
-    config = pm.adapters.configs[adapter]
-    if config.task_type != "CAUSAL_LM":
-        raise ConfigError(f"generate needs a CAUSAL_LM adapter; {adapter!r} has task_type={config.task_type!r}.")
-    saved = (adapter,) if pm.adapters.saved.get(adapter) else ()
-    spec = VariantSpec(saved=saved, training=False)
-    module = pm.adapters.prompts[adapter]
-    rows = module.saved_embeddings()
-    if isinstance(config, PrefixTuningConfig):
-        layers, kv_heads, head_dim = cache_geometry(pm.base_model)
-        if (config.num_layers, config.num_attention_heads, config.kv_head_dim) != (layers, kv_heads, head_dim):
-            raise ConfigError(f"prefix tuning adapter {adapter!r} has {config.num_layers} layers of "
-                              f"{config.num_attention_heads} heads x {config.kv_head_dim}, but the model's KV cache "
-                              f"has {layers} x {kv_heads} x {head_dim}; set num_layers/num_attention_heads/token_dim "
-                              "to match.")
-        table = rows.reshape(config.num_virtual_tokens, 2 * layers, kv_heads, head_dim)
-        return _Plan(virtual=config.num_virtual_tokens, prefix=table), spec
-    return _Plan(source="inputs_embeds", virtual=rows.shape[0], prompt=rows, cache_positions=True), spec
+    fields = state.store.method_of(adapter).decode_plan(state.store, adapter, state.model)
+    saved = (adapter,) if state.store.saved.get(adapter) else ()
+    return _Plan(**fields), VariantSpec(saved=saved, training=False)
 
 
 # -- choosing the next token ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -211,8 +247,9 @@ class Sampling:
 
     def check(self) -> None:
         if self.do_sample and not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling; use do_sample=False for "
-                              "greedy decoding.")
+            raise ConfigError(
+                f"temperature={self.temperature} must be > 0 when sampling; use do_sample=False for greedy decoding."
+            )
         if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k} must be a positive integer (0 or None: no top-k filter).")
         if not 0 < self.top_p <= 1:
@@ -256,12 +293,23 @@ def _token_list(value: Union[None, int, Sequence[int], torch.Tensor]) -> Optiona
 
 # -- the loop ---------------------------------------------------------------------------------------------
 
-def generate(pm: Any, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-             max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
-             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-             adapter_names: Optional[Sequence[str]] = None, **unsupported: Any) -> torch.Tensor:
+
+def generate(
+    pm: Any,
+    input_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    max_new_tokens: Optional[int] = None,
+    do_sample: Optional[bool] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Union[None, int, Sequence[int]] = None,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    adapter_names: Optional[Sequence[str]] = None,
+    **unsupported: Any,
+) -> torch.Tensor:
     """Prompt ids [B, L] (left-padded, with their mask) -> ids [B, L + new], as transformers' generate
     returns them: rows that hit an eos continue with pad, and the loop stops when all rows have.
     Runs the active adapters in eval mode (no dropout). `generator` or `seed` makes sampling reproducible.
@@ -280,10 +328,12 @@ def generate(pm: Any, input_ids: Optional[torch.Tensor] = None, attention_mask: 
         pad = eos[0]  # as transformers does
     temperature = _generation_default(model, "temperature", temperature)
     top_p = _generation_default(model, "top_p", top_p)
-    sampling = Sampling(do_sample=bool(_generation_default(model, "do_sample", do_sample)),
-                        temperature=1.0 if temperature is None else float(temperature),
-                        top_k=_generation_default(model, "top_k", top_k),
-                        top_p=1.0 if top_p is None else float(top_p))
+    sampling = Sampling(
+        do_sample=bool(_generation_default(model, "do_sample", do_sample)),
+        temperature=1.0 if temperature is None else float(temperature),
+        top_k=_generation_default(model, "top_k", top_k),
+        top_p=1.0 if top_p is None else float(top_p),
+    )
     sampling.check()
     if seed is not None and generator is None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -296,13 +346,16 @@ def generate(pm: Any, input_ids: Optional[torch.Tensor] = None, attention_mask: 
     if attention_mask is None:
         attention_mask = _default_mask(input_ids, pad, eos)
     if attention_mask.shape != input_ids.shape:
-        raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
-                          f"{tuple(input_ids.shape)}; give a 2-D mask of the same shape (1 = token, 0 = padding).")
+        raise ConfigError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
+            f"{tuple(input_ids.shape)}; give a 2-D mask of the same shape (1 = token, 0 = padding)."
+        )
     if max_new_tokens == 0:
         return input_ids
     with torch.no_grad():
-        return _decode(pm, input_ids, attention_mask.long(), max_new_tokens, sampling, eos, pad, generator,
-                       adapter_names)
+        return _decode(
+            pm, input_ids, attention_mask.long(), max_new_tokens, sampling, eos, pad, generator, adapter_names
+        )
 
 
 def _default_mask(input_ids: torch.Tensor, pad: Optional[int], eos: Optional[list[int]]) -> torch.Tensor:
@@ -312,22 +365,34 @@ def _default_mask(input_ids: torch.Tensor, pad: Optional[int], eos: Optional[lis
     return torch.ones_like(input_ids)
 
 
-def _step_function(pm: Any, capture: Capture, spec: Optional[VariantSpec], ids: torch.Tensor,
-                   adapter_names: Optional[Sequence[str]]):
+def _step_function(
+    pm: Any, capture: Capture, spec: Optional[VariantSpec], ids: torch.Tensor, adapter_names: Optional[Sequence[str]]
+):
     """The decode variant to run: the active adapters' (as a forward call picks it), the prompt-learning
     adapter's, or a mixed batch's with its per-row adapter index bound."""
     if adapter_names is not None:
         if spec is not None:
-            raise ConfigError("adapter_names (mixed batches) works with LoRA adapters only.")
-        return pm._mixed_runner(capture, adapter_names, {"input_ids": ids})
-    if spec is None:
-        return pm._variant(capture)[1]
-    return pm._variants.get(capture, pm.base_model, pm.adapters, spec)[1]
+            raise ConfigError(
+                "adapter_names (mixed batches) does not work with prompt-learning adapters "
+                "(as in PEFT); use LoRA, DoRA or IA3 adapters."
+            )
+        return pm.state.mixed_runner(capture, adapter_names, {"input_ids": ids}, training=False)
+    if spec is None and not pm.state.disabled:
+        pm.state.before_run(pm.state.bound_adapters(), training=False)
+    return pm.state.variant(capture, spec)[1]
 
 
-def _decode(pm: Any, ids: torch.Tensor, mask: torch.Tensor, new: int, sampling: Sampling,
-            eos: Optional[list[int]], pad: Optional[int], generator: Optional[torch.Generator],
-            adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+def _decode(
+    pm: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    new: int,
+    sampling: Sampling,
+    eos: Optional[list[int]],
+    pad: Optional[int],
+    generator: Optional[torch.Generator],
+    adapter_names: Optional[Sequence[str]] = None,
+) -> torch.Tensor:
     plan, spec = _plan(pm)
     capture = decode_capture(pm, plan.source)
     run = _step_function(pm, capture, spec, ids, adapter_names)
@@ -337,7 +402,7 @@ def _decode(pm: Any, ids: torch.Tensor, mask: torch.Tensor, new: int, sampling: 
     keys, values = _empty_cache(pm.base_model, batch, size, ids.device)
     full_mask = torch.zeros(batch, size, dtype=torch.long, device=ids.device)
     full_mask[:, :p] = 1
-    full_mask[:, p:p + length] = mask
+    full_mask[:, p : p + length] = mask
     filled = 0
     if plan.prefix is not None:
         for layer in range(len(keys)):  # prefix keys and values: [P, kv heads, d] -> cache entries 0..P-1
@@ -358,8 +423,14 @@ def _decode(pm: Any, ids: torch.Tensor, mask: torch.Tensor, new: int, sampling: 
     unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
     out = [ids]
     for step in range(new):
-        logits = run(tokens=tokens, attention_mask=full_mask, position_ids=positions,
-                     cache_length=torch.tensor(filled, device=ids.device), keys=keys, values=values)
+        logits = run(
+            tokens=tokens,
+            attention_mask=full_mask,
+            position_ids=positions,
+            cache_length=torch.tensor(filled, device=ids.device),
+            keys=keys,
+            values=values,
+        )
         filled += tokens.shape[1]
         chosen = sampling.choose(logits.float(), generator)
         if eos_t is not None and pad is not None:

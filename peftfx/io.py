@@ -1,13 +1,16 @@
 """Checkpoints in PEFT's format: adapter_config.json + adapter_model.safetensors, PEFT's key names.
 
-Keys are `base_model.model.<site>.lora_A.weight` (adapter name stripped), modules_to_save tensors as
-`base_model.model.<module>.<tensor>`, trained biases as `<site>.base_layer.bias` when the site carries
-LoRA (PEFT's wrapper name) and `<path>.bias` otherwise. The default adapter is written to the folder,
+Each method names its own tensors' keys (`AdapterMethod.entries`: LoRA's `base_model.model.<site>.lora_A.weight`,
+adapter name stripped; prompt learning's `prompt_embeddings`); this module adds modules_to_save tensors
+(`base_model.model.<module>.<tensor>`) and trained biases (`<site>.base_layer.bias` when the site carries
+an adapter, PEFT's wrapper name, and `<path>.bias` otherwise), checks a checkpoint against them and
+writes them. It works on the store and plans, never on a PeftFxModel. The default adapter is written to the folder,
 others to `<folder>/<name>/`, as PEFT does.
 
 Saves are all-or-nothing through peftfx/save_store.py: a reader sees the old save or the new one,
 never a mix of the two, for every adapter of a multi-adapter save.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,64 +19,61 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import save_store
-from .config import DEFAULT_LORA_TARGETS, AdapterConfig, config_from_dict
+from .config import DEFAULT_LORA_TARGETS, AdapterConfig, LoraConfig, config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError, ConfigError
-from .virtual_tokens import PROMPT_HEAD_PREFIX, PROMPT_KEY
-
-if TYPE_CHECKING:
-    from .model import PeftFxModel
-    from .plan import AdapterPlan
+from .methods.base import PEFT_PREFIX, AdapterPlan, Entry, MethodEnv
+from .state.store import AdapterStore
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of an adapter checkpoint: its PEFT key, where it lives, and its shape."""
+def existing_plan(store: AdapterStore, name: str) -> AdapterPlan:
+    """The plan of an adapter already in the store (what save_pretrained writes)."""
+    return AdapterPlan(
+        name,
+        store.configs[name],
+        store.method_of(name),
+        list(store.sites.get(name, {}).values()),
+        list(store.saved.get(name, {})),
+        list(store.bias_names.get(name, [])),
+    )
 
-    peft_key: str
-    owner: str  # "store" (adapter tensor) or "base" (a trained base bias)
-    path: str
-    shape: tuple
 
-
-def plan_entries(pm: "PeftFxModel", plan: "AdapterPlan") -> list[Entry]:
-    """The tensors an adapter's checkpoint holds, derived from its plan (works before it is added)."""
-    store, model = pm.adapters, pm.base_model
-    entries = []
-    for slot in plan.slots:
-        for which, shape in (("A", (slot.r, slot.in_features)), ("B", (slot.out_features, slot.r))):
-            entries.append(Entry(f"{PREFIX}{slot.key}.lora_{which}.weight", "store",
-                                 store.lora_weight_path(slot.key, plan.name, which), shape))
+def plan_entries(env: MethodEnv, plan: AdapterPlan) -> list[Entry]:
+    """The tensors an adapter's checkpoint holds: the method's own, its saved modules' and its trained
+    biases', derived from the plan (so it works before the adapter is added)."""
+    store, model = env.store, env.model
+    entries = list(plan.method.entries(env, plan))
+    saved_prefix = plan.method.saved_key_prefix
     for path in plan.saved_paths:
         prefix = store.saved_module_path(path, plan.name)
         for name, tensor in model.get_submodule(path).state_dict(keep_vars=True).items():
-            entries.append(Entry(f"{PREFIX}{path}.{name}", "store", f"{prefix}.{name}", tuple(tensor.shape)))
-    wrapped = {s.bias_path: s.key for s in plan.slots if s.bias_path}
-    for adapter_slots in store.lora.values():
-        wrapped.update({s.bias_path: s.key for s in adapter_slots.values() if s.bias_path})
+            entries.append(Entry(f"{saved_prefix}{path}.{name}", "store", f"{prefix}.{name}", tuple(tensor.shape)))
+    # PEFT writes the bias of a site it wrapped (one any adapter adapts) as `<site>.base_layer.bias`
+    wrapped = {s.bias_path: s.key for s in plan.sites if getattr(s, "bias_path", None)}
+    for sites in store.sites.values():
+        wrapped.update({s.bias_path: s.key for s in sites.values() if getattr(s, "bias_path", None)})
     params = dict(model.named_parameters())
     for name in plan.bias_names:
         key = f"{wrapped[name]}.base_layer.bias" if name in wrapped else name
-        entries.append(Entry(f"{PREFIX}{key}", "base", name, tuple(params[name].shape)))
+        entries.append(Entry(f"{PEFT_PREFIX}{key}", "base", name, tuple(params[name].shape)))
     return entries
 
 
-def entry_tensor(pm: "PeftFxModel", entry: Entry) -> torch.Tensor:
-    root = pm.adapters if entry.owner == "store" else pm.base_model
+def entry_tensor(env: MethodEnv, entry: Entry) -> torch.Tensor:
+    if entry.owner == "store":
+        return env.store.tensor(entry.path)
     module_path, _, name = entry.path.rpartition(".")
-    return getattr(root.get_submodule(module_path) if module_path else root, name)
+    return getattr(env.model.get_submodule(module_path) if module_path else env.model, name)
 
 
 # PEFT wrapper names that may appear inside checkpoint keys and name the same tensor as without them.
@@ -103,24 +103,27 @@ def check_weights(entries: list[Entry], weights: dict[str, torch.Tensor], source
         if tuple(tensor.shape) != entry.shape:
             raise CheckpointError(
                 f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the model needs {entry.shape}; "
-                "was this adapter trained for a different model size or rank (check r/rank_pattern)?")
+                "was this adapter trained for a different model size or rank (check r/rank_pattern)?"
+            )
         matched[entry.peft_key] = tensor
     if unexpected:
         raise CheckpointError(
             f"{source}: {len(unexpected)} tensor(s) match nothing in the model, e.g. {unexpected[:3]}; "
-            "the adapter was made for another architecture or uses a feature peftfx lacks.")
+            "the adapter was made for another architecture or uses a feature peftfx lacks."
+        )
     missing = [e.peft_key for e in entries if e.peft_key not in matched]
     if missing:
         raise CheckpointError(
             f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {missing[:3]}; "
-            "the checkpoint is incomplete or its target_modules do not match this model.")
+            "the checkpoint is incomplete or its target_modules do not match this model."
+        )
     return matched
 
 
-def copy_weights(pm: "PeftFxModel", entries: list[Entry], matched: dict[str, torch.Tensor]) -> None:
+def copy_weights(env: MethodEnv, entries: list[Entry], matched: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for entry in entries:
-            dest = entry_tensor(pm, entry)
+            dest = entry_tensor(env, entry)
             dest.copy_(matched[entry.peft_key].to(device=dest.device, dtype=dest.dtype))
 
 
@@ -129,63 +132,63 @@ def copy_weights(pm: "PeftFxModel", entries: list[Entry], matched: dict[str, tor
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME)
 
 
-def save_adapters(pm: "PeftFxModel", directory: str, selected: Optional[Iterable[str]],
-                  safe_serialization: bool = True) -> None:
+def save_adapters(
+    env: MethodEnv, directory: str, selected: Optional[Iterable[str]], safe_serialization: bool = True
+) -> None:
     """Write the selected adapters all-or-nothing (peftfx/save_store.py): the default adapter into the
     folder, others into `<folder>/<name>/`, as PEFT does."""
     if not safe_serialization:
         warnings.warn("peftfx writes safetensors only; ignoring safe_serialization=False.", stacklevel=3)
     directory = os.fspath(directory)
-    names = list(selected) if selected is not None else pm.adapters.adapter_names()
+    store = env.store
+    names = list(selected) if selected is not None else store.adapter_names()
     if not names:
         raise CheckpointError(
             f"save_pretrained({directory!r}): there is no adapter to save (the model has none left, or "
             "selected_adapters is empty); add or load one first, or name existing ones in selected_adapters. "
-            "Nothing was written.")
-    unknown = [n for n in names if n not in pm.adapters.configs]
+            "Nothing was written."
+        )
+    unknown = [n for n in names if n not in store.configs]
     if unknown:
-        raise CheckpointError(f"cannot save unknown adapter(s) {unknown}; known: {pm.adapters.adapter_names()}.")
+        raise CheckpointError(f"cannot save unknown adapter(s) {unknown}; known: {store.adapter_names()}.")
     if save_store.STORE in [n.split("/")[0] for n in names]:
         raise CheckpointError(f"an adapter named {save_store.STORE!r} would clash with peftfx's save store; rename it.")
-    parts = {("" if name == "default" else name): functools.partial(_write_adapter, pm, name) for name in names}
+    parts: dict[str, save_store.Writer] = {
+        ("" if name == "default" else name): functools.partial(_write_adapter, env, name) for name in names
+    }
     save_store.save(directory, parts, ADAPTER_FILES)
 
 
-def _write_adapter(pm: "PeftFxModel", name: str, folder: str) -> None:
+def _write_adapter(env: MethodEnv, name: str, folder: str) -> None:
     """One adapter's two files, with the usual permissions, flushed to disk."""
     mode = 0o666 & ~save_store.umask()
     weights = os.path.join(folder, SAFETENSORS_NAME)
-    save_file(_adapter_tensors(pm, name), weights, metadata={"format": "pt"})
+    save_file(adapter_tensors(env, name), weights, metadata={"format": "pt"})
     os.chmod(weights, mode)  # safetensors writes 0600 through its own temporary file
     config = os.path.join(folder, CONFIG_NAME)
-    _write_text(config, json.dumps(_config_for_saving(pm, pm.adapters.configs[name]), indent=2, sort_keys=True))
+    _write_text(config, json.dumps(_config_for_saving(env.model, env.store.configs[name]), indent=2, sort_keys=True))
     os.chmod(config, mode)
     save_store.fsync(weights)
     save_store.fsync(config)
 
 
-def _adapter_tensors(pm: "PeftFxModel", name: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors by PEFT key (prompt learning: PEFT's single `prompt_embeddings`)."""
-    prompt = pm.adapters.prompts.get(name)
-    if prompt is not None:
-        with torch.no_grad():
-            tensors = {PROMPT_KEY: prompt.saved_embeddings().detach().contiguous().cpu()}
-        for path, clone in pm.adapters.saved.get(name, {}).items():
-            for key, t in clone.state_dict().items():
-                tensors[f"{PROMPT_HEAD_PREFIX}{path}.{key}"] = t.detach().contiguous().cpu()
-        return tensors
-    entries = plan_entries(pm, pm.adapter_plan(name))
-    return {e.peft_key: entry_tensor(pm, e).detach().contiguous().cpu() for e in entries}
+def adapter_tensors(env: MethodEnv, name: str) -> dict[str, torch.Tensor]:
+    """An adapter's checkpoint tensors by PEFT key, as save_pretrained writes them."""
+    with torch.no_grad():
+        return {
+            e.peft_key: (e.read() if e.read is not None else entry_tensor(env, e)).detach().contiguous().cpu()
+            for e in plan_entries(env, existing_plan(env.store, name))
+        }
 
 
-def _config_for_saving(pm: "PeftFxModel", config: AdapterConfig) -> dict[str, Any]:
+def _config_for_saving(model: torch.nn.Module, config: AdapterConfig) -> dict[str, Any]:
     data = config.to_dict()
     data["inference_mode"] = True
-    if data.get("target_modules", "") is None:
-        model_type = getattr(getattr(pm.base_model, "config", None), "model_type", None)
-        data["target_modules"] = DEFAULT_LORA_TARGETS.get(model_type)
+    if data.get("target_modules", "") is None and isinstance(config, LoraConfig):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        data["target_modules"] = DEFAULT_LORA_TARGETS.get(model_type or "")
     if data["base_model_name_or_path"] is None:
-        name = getattr(getattr(pm.base_model, "config", None), "_name_or_path", None)
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
         data["base_model_name_or_path"] = name or None
     return data
 
@@ -197,23 +200,28 @@ def _write_text(path: str, text: str) -> None:
 
 # -- reading -----------------------------------------------------------------------------------------
 
-def resolve_adapter_files(model_id: str, subfolder: Optional[str] = None,
-                          revision: Optional[str] = None) -> tuple[str, str]:
+
+def resolve_adapter_files(
+    model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None
+) -> tuple[str, str]:
     """(config path, weights path) from a local folder or a hub repo id (through huggingface_hub)."""
     model_id = os.fspath(model_id)
     local = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local):
         config_path = os.path.join(local, CONFIG_NAME)
         if not os.path.isfile(config_path):
-            raise AdapterNotFoundError(f"{local!r} has no {CONFIG_NAME}; is it an adapter folder "
-                                       "written by save_pretrained?")
+            raise AdapterNotFoundError(
+                f"{local!r} has no {CONFIG_NAME}; is it an adapter folder written by save_pretrained?"
+            )
         pair = save_store.local_pair(local, config_path, (SAFETENSORS_NAME, BIN_NAME))
         if pair is None:
             raise AdapterNotFoundError(f"{local!r} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or {BIN_NAME}.")
         return pair
     if not _REPO_ID.match(model_id) or os.path.exists(model_id):
-        raise AdapterNotFoundError(f"adapter path {local!r} does not exist; give a folder written by "
-                                   "save_pretrained or a hub repo id like 'user/adapter'.")
+        raise AdapterNotFoundError(
+            f"adapter path {local!r} does not exist; give a folder written by "
+            "save_pretrained or a hub repo id like 'user/adapter'."
+        )
     return _resolve_from_hub(model_id, subfolder, revision)
 
 
@@ -228,7 +236,8 @@ def _resolve_from_hub(repo_id: str, subfolder: Optional[str], revision: Optional
     except Exception as exc:  # huggingface_hub raises several types (offline, missing repo, ...)
         raise AdapterNotFoundError(
             f"{repo_id!r} is neither a local folder nor a hub adapter peftfx could resolve "
-            f"({type(exc).__name__}: {exc}). Check the path, or the repo id and your hub cache.") from exc
+            f"({type(exc).__name__}: {exc}). Check the path, or the repo id and your hub cache."
+        ) from exc
     for weights_name in (SAFETENSORS_NAME, BIN_NAME):
         try:
             return config_path, fetch(weights_name)
@@ -245,11 +254,15 @@ def read_config(config_path: str) -> AdapterConfig:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         what = "is empty" if not raw.strip() else f"is not valid JSON ({exc})"
-        raise ConfigError(f"{config_path}: {what}. The file was damaged or cut short (an interrupted copy or "
-                          "download?); save the adapter again or restore the file.") from exc
+        raise ConfigError(
+            f"{config_path}: {what}. The file was damaged or cut short (an interrupted copy or "
+            "download?); save the adapter again or restore the file."
+        ) from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{config_path}: holds a JSON {type(data).__name__}, not an object of config fields; "
-                          "is it an adapter_config.json written by save_pretrained?")
+        raise ConfigError(
+            f"{config_path}: holds a JSON {type(data).__name__}, not an object of config fields; "
+            "is it an adapter_config.json written by save_pretrained?"
+        )
     return config_from_dict(data, source=config_path)
 
 
@@ -263,17 +276,21 @@ def read_weights(weights_path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors and torch.load raise many types for a bad file
-        raise CheckpointError(f"{weights_path}: cannot read the adapter weights ({type(exc).__name__}: {exc}). "
-                              "The file is truncated or damaged (an interrupted copy or download?); save the "
-                              "adapter again or restore the file.") from exc
+        raise CheckpointError(
+            f"{weights_path}: cannot read the adapter weights ({type(exc).__name__}: {exc}). "
+            "The file is truncated or damaged (an interrupted copy or download?); save the "
+            "adapter again or restore the file."
+        ) from exc
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-        raise CheckpointError(f"{weights_path}: holds {type(weights).__name__}, not a state dict of tensors; "
-                              "is it an adapter checkpoint?")
+        raise CheckpointError(
+            f"{weights_path}: holds {type(weights).__name__}, not a state dict of tensors; is it an adapter checkpoint?"
+        )
     return weights
 
 
-def read_adapter(model_id: str, subfolder: Optional[str] = None,
-                 revision: Optional[str] = None) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+def read_adapter(
+    model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None
+) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
     """(config, weights, weights path) of one save, read as a matching pair: a folder saved by peftfx is
     read under a shared lock on its store, so a save in progress is waited for and none commits meanwhile."""
     config_path, _ = resolve_adapter_files(model_id, subfolder, revision)
@@ -281,11 +298,3 @@ def read_adapter(model_id: str, subfolder: Optional[str] = None,
     with save_store.locked(store, shared=True) if store else contextlib.nullcontext():
         config_path, weights_path = resolve_adapter_files(model_id, subfolder, revision)
         return read_config(config_path), read_weights(weights_path), weights_path
-
-
-def load_adapter_into(pm: "PeftFxModel", model_id: str, adapter_name: str, is_trainable: bool = False,
-                      subfolder: Optional[str] = None, revision: Optional[str] = None) -> None:
-    """Read a PEFT-format adapter and add it to `pm` (validated before anything changes)."""
-    config, weights, weights_path = read_adapter(model_id, subfolder, revision)
-    config.inference_mode = not is_trainable
-    pm.add_adapter(adapter_name, config, weights=weights, source=weights_path)

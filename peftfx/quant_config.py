@@ -4,6 +4,7 @@ Field names and defaults are transformers' `BitsAndBytesConfig` ones (which PEFT
 around), so a `BitsAndBytesConfig` can be given wherever a QuantConfig is expected. `bnb_4bit_blocksize`
 is peftfx's own (transformers always uses bitsandbytes' default, 64).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import ConfigError, PeftFxError
+from .errors import ConfigError, MissingDependencyError
 
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
@@ -43,18 +44,26 @@ class QuantConfig:
         if self.load_in_4bit == self.load_in_8bit:
             raise ConfigError("QuantConfig needs exactly one of load_in_4bit=True or load_in_8bit=True.")
         if self.bnb_4bit_quant_type not in QUANT_TYPES_4BIT:
-            raise ConfigError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not supported; use one of "
-                              f"{QUANT_TYPES_4BIT} ('nf4' is QLoRA's).")
+            raise ConfigError(
+                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not supported; use one of "
+                f"{QUANT_TYPES_4BIT} ('nf4' is QLoRA's)."
+            )
         if self.bnb_4bit_blocksize not in BLOCKSIZES:
-            raise ConfigError(f"bnb_4bit_blocksize={self.bnb_4bit_blocksize} is not supported by bitsandbytes; "
-                              f"use one of {BLOCKSIZES} (64 is its default).")
+            raise ConfigError(
+                f"bnb_4bit_blocksize={self.bnb_4bit_blocksize} is not supported by bitsandbytes; "
+                f"use one of {BLOCKSIZES} (64 is its default)."
+            )
         self.bnb_4bit_compute_dtype = _dtype(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
         if _dtype(self.bnb_4bit_quant_storage, "bnb_4bit_quant_storage", allow_uint8=True) != torch.uint8:
-            raise ConfigError(f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r}: peftfx stores packed "
-                              "weights as uint8 only; drop the option.")
+            raise ConfigError(
+                f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r}: peftfx stores packed "
+                "weights as uint8 only; drop the option."
+            )
         if self.llm_int8_has_fp16_weight:
-            raise ConfigError("llm_int8_has_fp16_weight=True (training the 8-bit weights themselves) is not "
-                              "supported; peftfx trains adapters on a frozen quantized base.")
+            raise ConfigError(
+                "llm_int8_has_fp16_weight=True (training the 8-bit weights themselves) is not "
+                "supported; peftfx trains adapters on a frozen quantized base."
+            )
         if isinstance(self.llm_int8_skip_modules, str):
             self.llm_int8_skip_modules = [self.llm_int8_skip_modules]
 
@@ -77,8 +86,10 @@ def as_quant_config(config: Any) -> QuantConfig:
     elif hasattr(config, "load_in_4bit") and hasattr(config, "to_dict"):  # transformers.BitsAndBytesConfig
         values = config.to_dict()
     else:
-        raise ConfigError(f"quantization must be a peftfx.QuantConfig, a transformers.BitsAndBytesConfig or a "
-                          f"dict; got {type(config).__name__}.")
+        raise ConfigError(
+            f"quantization must be a peftfx.QuantConfig, a transformers.BitsAndBytesConfig or a "
+            f"dict; got {type(config).__name__}."
+        )
     values.pop("quant_method", None)
     values.pop("llm_int8_enable_fp32_cpu_offload", None)  # device placement, not math
     for private in ("_load_in_4bit", "_load_in_8bit"):
@@ -101,15 +112,12 @@ def _dtype(value: Union[str, torch.dtype, None], field: str, allow_uint8: bool =
     return COMPUTE_DTYPES[name]
 
 
-class MissingDependencyError(PeftFxError, ImportError):
-    """An optional dependency a feature needs is not installed."""
-
-
 def require_bitsandbytes():
     """Import bitsandbytes (its import registers the torch.ops.bitsandbytes ops), or say how to install it."""
     try:
         import bitsandbytes
     except ImportError as exc:
         raise MissingDependencyError(
-            f"quantized linears need bitsandbytes, which is not installed: {INSTALL_HINT}.") from exc
+            f"quantized linears need bitsandbytes, which is not installed: {INSTALL_HINT}."
+        ) from exc
     return bitsandbytes

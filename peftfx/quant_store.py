@@ -11,17 +11,18 @@ original shape and dtype (a few bytes). Selection, LoRA planning and checkpoint 
 (out, in) weight; the quantize pass replaces every graph read of it, and running the model eagerly
 without peftfx gives NaN rather than silently wrong numbers.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union, cast
 
 import torch
 from torch import nn
 
 from .quant_config import QuantConfig, require_bitsandbytes
+from .rewrite.layout import QUANT_MOUNT  # noqa: F401 - where variant graphs mount the store
 
-QUANT_MOUNT = "peftfx_quant"  # attribute name of the store inside each variant GraphModule
 NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
 
 
@@ -53,9 +54,22 @@ class Weight4bit(nn.Module):
     """
 
     bits = 4
+    # the buffers __init__ registers, declared for type checkers
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor
+    nested_code: torch.Tensor
+    offset: torch.Tensor
 
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, blocksize: int, quant_type: str,
-                 compute_dtype: Optional[torch.dtype], buffers: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        blocksize: int,
+        quant_type: str,
+        compute_dtype: Optional[torch.dtype],
+        buffers: dict[str, torch.Tensor],
+    ):
         super().__init__()
         self.shape, self.dtype, self.blocksize, self.quant_type = tuple(shape), dtype, blocksize, quant_type
         self.compute_dtype = compute_dtype
@@ -71,10 +85,14 @@ class Weight4bit(nn.Module):
         """bitsandbytes' own quantize_4bit (what Params4bit does), so the bytes equal bnb's."""
         functional = require_bitsandbytes().functional
         packed, state = functional.quantize_4bit(
-            weight.detach().contiguous(), blocksize=config.bnb_4bit_blocksize,
-            compress_statistics=config.bnb_4bit_use_double_quant, quant_type=config.bnb_4bit_quant_type,
-            quant_storage=torch.uint8)
-        return cls.from_state(packed, state, config.bnb_4bit_compute_dtype)
+            weight.detach().contiguous(),
+            blocksize=config.bnb_4bit_blocksize,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=torch.uint8,
+        )
+        compute_dtype = cast(Optional[torch.dtype], config.bnb_4bit_compute_dtype)  # a dtype after __post_init__
+        return cls.from_state(packed, state, compute_dtype)
 
     @classmethod
     def from_state(cls, packed: torch.Tensor, state, compute_dtype: Optional[torch.dtype]) -> "Weight4bit":
@@ -82,29 +100,41 @@ class Weight4bit(nn.Module):
         buffers = {"packed": packed.view(torch.uint8), "absmax": state.absmax}
         if state.nested:
             if state.state2.blocksize != NESTED_BLOCKSIZE:
-                raise ValueError(f"double quantization with state2 blocksize {state.state2.blocksize} is not "
-                                 f"supported (bitsandbytes uses {NESTED_BLOCKSIZE}).")
-            buffers.update(nested_absmax=state.state2.absmax, nested_code=state.state2.code,
-                           offset=torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device))
+                raise ValueError(
+                    f"double quantization with state2 blocksize {state.state2.blocksize} is not "
+                    f"supported (bitsandbytes uses {NESTED_BLOCKSIZE})."
+                )
+            buffers.update(
+                nested_absmax=state.state2.absmax,
+                nested_code=state.state2.code,
+                offset=torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device),
+            )
         return cls(tuple(state.shape), state.dtype, state.blocksize, state.quant_type, compute_dtype, buffers)
 
     def float_absmax(self) -> torch.Tensor:
         if not self.nested:
             return self.absmax
         ops = torch.ops.bitsandbytes
-        return ops.dequantize_blockwise(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE,
-                                        torch.float32) + self.offset
+        return (
+            ops.dequantize_blockwise(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE, torch.float32)
+            + self.offset
+        )
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         require_bitsandbytes()
-        return torch.ops.bitsandbytes.dequantize_4bit(self.packed, self.float_absmax(), self.blocksize,
-                                                      self.quant_type, list(self.shape), dtype or self.dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit(
+            self.packed, self.float_absmax(), self.blocksize, self.quant_type, list(self.shape), dtype or self.dtype
+        )
 
     def requantized(self, weight: torch.Tensor) -> "Weight4bit":
         """The same format holding another weight (for merges)."""
-        config = QuantConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                             bnb_4bit_use_double_quant=self.nested, bnb_4bit_blocksize=self.blocksize,
-                             bnb_4bit_compute_dtype=self.compute_dtype)
+        config = QuantConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.nested,
+            bnb_4bit_blocksize=self.blocksize,
+            bnb_4bit_compute_dtype=self.compute_dtype,
+        )
         return Weight4bit.quantize(weight.to(self.dtype), config)
 
 
@@ -112,9 +142,13 @@ class Weight8bit(nn.Module):
     """A (out, in) weight in LLM.int8 form: `CB` int8 rows and `SCB` their float32 absmax (row scales)."""
 
     bits = 8
+    # the buffers __init__ registers, declared for type checkers
+    CB: torch.Tensor
+    SCB: torch.Tensor
 
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, threshold: float, cb: torch.Tensor,
-                 scb: torch.Tensor):
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, threshold: float, cb: torch.Tensor, scb: torch.Tensor
+    ):
         super().__init__()
         self.shape, self.dtype, self.threshold = tuple(shape), dtype, float(threshold)
         self.register_buffer("CB", cb)
@@ -138,6 +172,7 @@ class Weight8bit(nn.Module):
 
 
 QuantizedWeight = (Weight4bit, Weight8bit)
+AnyQuantizedWeight = Union[Weight4bit, Weight8bit]
 
 
 class QuantStore(nn.Module):
@@ -153,12 +188,12 @@ class QuantStore(nn.Module):
     def module_path(weight_path: str) -> str:
         return weight_path.replace(".", "_")  # one flat level: get_attr targets stay short and unambiguous
 
-    def add(self, weight_path: str, parameter: nn.Parameter, quantized: nn.Module) -> None:
+    def add(self, weight_path: str, parameter: torch.Tensor, quantized: nn.Module) -> None:
         self.add_module(self.module_path(weight_path), quantized)
         self.paths[id(parameter)] = weight_path
 
-    def get(self, weight_path: str) -> nn.Module:
-        return self._modules[self.module_path(weight_path)]
+    def get(self, weight_path: str) -> AnyQuantizedWeight:
+        return cast(AnyQuantizedWeight, self._modules[self.module_path(weight_path)])
 
     def holds(self, weight_path: str) -> bool:
         """Whether the weight at this path is stored here (quantized)."""
@@ -177,7 +212,7 @@ class QuantStore(nn.Module):
         del self._modules[self.module_path(weight_path)]
         self.paths = {k: v for k, v in self.paths.items() if v != weight_path}
 
-    def items(self) -> Iterator[tuple[str, nn.Module]]:
+    def items(self) -> Iterator[tuple[str, AnyQuantizedWeight]]:
         for path in list(self.paths.values()):
             yield path, self.get(path)
 

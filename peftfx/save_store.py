@@ -35,6 +35,7 @@ Guarantees and limits:
   the files one by one, as PEFT does: each file is whole, but an interrupt can leave them mixed.
 Saved files get the usual permissions (0o666 & ~umask; folders 0o777 & ~umask).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,7 +48,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .errors import CheckpointError
 
-STORE = ".peftfx"    # hidden folder inside the save folder that holds the saves
+STORE = ".peftfx"  # hidden folder inside the save folder that holds the saves
 CURRENT = "current"  # link in STORE naming the live save; the one rename that commits a save
 SAVE_PREFIX = "save-"
 TMP_PREFIX = ".peftfx-tmp-"  # temporary links beside entry files (removed by the next save if killed)
@@ -70,8 +71,11 @@ def save(directory: str, parts: dict[str, Writer], entry_files: tuple[str, ...])
             if _links_work(store):
                 _save_linked(directory, store, parts, entry_files)
             else:
-                warnings.warn(f"{directory!r} is on a filesystem without symbolic links: saving file by file, "
-                              "so an interrupted save can leave old and new files mixed.", stacklevel=4)
+                warnings.warn(
+                    f"{directory!r} is on a filesystem without symbolic links: saving file by file, "
+                    "so an interrupted save can leave old and new files mixed.",
+                    stacklevel=4,
+                )
                 _save_plain(directory, parts)
         if made_store and not os.path.lexists(os.path.join(store, CURRENT)):
             shutil.rmtree(store, ignore_errors=True)
@@ -97,11 +101,15 @@ def _save_linked(directory: str, store: str, parts: dict[str, Writer], entry_fil
             folder = os.path.join(staged, sub)
             os.makedirs(folder, exist_ok=True)
             write(folder)
-        carried = [rel for rel in (_files_under(os.path.join(store, old)) if old else [])
-                   if os.path.dirname(rel) not in subs and _is_our_link(directory, rel)]
+        carried = [
+            rel
+            for rel in (_files_under(os.path.join(store, old)) if old else [])
+            if os.path.dirname(rel) not in subs and _is_our_link(directory, rel)
+        ]
         for rel in _files_under(staged):
             old = _link_entry(directory, store, rel, old)
         for rel in carried:  # adapters of the live save this save does not name stay as they are
+            assert old is not None  # carried is empty unless a save was live (and _link_entry keeps it)
             dest = os.path.join(staged, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             _link_or_copy(os.path.join(store, old, rel), dest)
@@ -207,8 +215,9 @@ def _remove_stale(store: str, keep: Optional[str]) -> None:
 
 def _prune_entries(directory: str, entry_files: tuple[str, ...]) -> None:
     """Drop dangling entry links and temporary links in the folder and its adapter subfolders."""
-    folders = [""] + sorted(e.name for e in os.scandir(directory)
-                            if e.name != STORE and e.is_dir(follow_symlinks=False))
+    folders = [""] + sorted(
+        e.name for e in os.scandir(directory) if e.name != STORE and e.is_dir(follow_symlinks=False)
+    )
     for sub in folders:
         folder = os.path.join(directory, sub)
         removed = False
@@ -265,6 +274,7 @@ def locked(store: str, shared: bool = False) -> Iterator[None]:
     save commits or removes a save folder while they read). Where locks are unavailable, none is taken."""
     try:
         import fcntl
+
         fd = os.open(store, os.O_RDONLY)
     except (ImportError, OSError):
         yield
@@ -343,6 +353,4 @@ def store_of(path: str) -> Optional[str]:
     real = os.path.realpath(path)
     marker = f"{os.sep}{STORE}{os.sep}"
     at = real.rfind(marker)
-    return real[:at + len(marker) - 1] if at >= 0 else None
-
-
+    return real[: at + len(marker) - 1] if at >= 0 else None

@@ -6,21 +6,23 @@ Targets are ops, not module classes: `aten.linear` (nn.Linear, and F.linear in c
 site gets a *key*, the name PEFT would give it: the module path when the module owns the weight as
 `.weight`, else the parameter's path (e.g. `block.w1` for `F.linear(x, self.w1)`).
 """
+
 from __future__ import annotations
 
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import fx
 
 from .config import ALL_LINEAR, DEFAULT_LORA_TARGETS, LoraConfig
 from .errors import ConfigError, TargetNotFoundError
+from .rewrite.annotations import Site, mark_site
+from .rewrite.layout import LINEAR_OPS
 
 aten = torch.ops.aten
-META_KEY = "peftfx"
 
 
 @dataclass(frozen=True)
@@ -37,26 +39,6 @@ class LinearSite:
     bias_path: Optional[str]
 
 
-def _linear_parts(node: fx.Node):
-    x, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return x, weight, bias, False
-
-
-def _addmm_parts(node: fx.Node):
-    bias, x, weight = node.args[0], node.args[1], node.args[2]
-    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-        return None
-    return x, weight, bias, True
-
-
-# op -> how to read (input, weight, bias, weight-is-(in,out)) from its node
-LINEAR_OPS: dict[Callable, Callable] = {
-    aten.linear.default: _linear_parts,
-    aten.addmm.default: _addmm_parts,
-}
-
-
 def module_path(node: fx.Node) -> str:
     """The innermost module path of a node, from the nn_module_stack export records."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -68,7 +50,7 @@ def module_path(node: fx.Node) -> str:
 def linear_sites(gm: fx.GraphModule, model: torch.nn.Module) -> list[LinearSite]:
     """Every linear op whose weight is a parameter of `model`, in graph order."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    by_id = {}
+    by_id: dict[int, str] = {}
     for name, p in params.items():
         by_id.setdefault(id(p), name)
     graph_tensors = dict(gm.named_parameters(remove_duplicate=False))
@@ -90,10 +72,9 @@ def linear_sites(gm: fx.GraphModule, model: torch.nn.Module) -> list[LinearSite]
         in_f, out_f = (tensor.shape[0], tensor.shape[1]) if fan_in_fan_out else (tensor.shape[1], tensor.shape[0])
         bias_path = None
         if isinstance(bias, fx.Node) and bias.op == "get_attr":
-            bias_tensor = graph_tensors.get(bias.target)
+            bias_tensor = graph_tensors.get(cast(str, bias.target))  # a get_attr target is a path
             bias_path = by_id.get(id(bias_tensor)) if bias_tensor is not None else None
-        sites.append(LinearSite(node, key, by_id[id(tensor)], x, int(in_f), int(out_f), fan_in_fan_out,
-                                bias_path))
+        sites.append(LinearSite(node, key, by_id[id(tensor)], x, int(in_f), int(out_f), fan_in_fan_out, bias_path))
     return sites
 
 
@@ -123,6 +104,7 @@ def output_head_path(model: torch.nn.Module) -> Optional[str]:
 
 
 # -- PEFT matching rules ---------------------------------------------------------------------------
+
 
 def _matches_name_list(key: str, names) -> bool:
     return key in names or any(key.endswith(f".{n}") for n in names)
@@ -164,10 +146,10 @@ def is_target(key: str, config: LoraConfig, targets, modules_to_save: list[str],
         return True
     if not any(key.endswith(f".{t}") for t in targets):
         return False
-    indexes = config.layers_to_transform
+    indexes = getattr(config, "layers_to_transform", None)
     if indexes is None or (isinstance(indexes, list) and not indexes):
         return True
-    idx = layer_index(key, config.layers_pattern)
+    idx = layer_index(key, getattr(config, "layers_pattern", None))
     if idx is None:
         return False
     return idx == indexes if isinstance(indexes, int) else idx in indexes
@@ -181,16 +163,20 @@ def pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def resolve_targets(sites: list[LinearSite], config: LoraConfig, model: torch.nn.Module) -> list[LinearSite]:
-    """The sites an adapter adapts (one per key), or a TargetNotFoundError naming the nearest paths."""
+def resolve_targets(
+    sites: list[LinearSite], config: Any, model: torch.nn.Module, defaults: dict[str, list[str]] = DEFAULT_LORA_TARGETS
+) -> list[LinearSite]:
+    """The sites an adapter adapts (one per key), or a TargetNotFoundError naming the nearest paths.
+    `defaults`: the method's target modules by model type, for target_modules=None (PEFT's tables)."""
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_LORA_TARGETS:
+        if model_type not in defaults:
             raise ConfigError(
                 f"target_modules is not set and peftfx has no default for model type {model_type!r}; "
-                "set target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
-        targets = DEFAULT_LORA_TARGETS[model_type]
+                "set target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        targets = defaults[model_type]
     head = output_head_path(model)
     modules_to_save = config.resolved_modules_to_save()
     chosen: dict[str, LinearSite] = {}
@@ -212,11 +198,13 @@ def _no_match_message(targets, config: LoraConfig, sites: list[LinearSite], mode
         close += difflib.get_close_matches(want, keys, n=3, cutoff=0.3)
     close = list(dict.fromkeys(close)) or keys[:8]
     hint = ""
-    if config.layers_to_transform is not None:
+    if getattr(config, "layers_to_transform", None) is not None:
         hint = f" (layers_to_transform={config.layers_to_transform!r} may exclude every layer)"
-    return (f"target_modules={targets!r} matched no linear op in {type(model).__name__}{hint}. "
-            f"Closest module paths: {close}. Linear ops found: {len(keys)}; "
-            "use one of these names, a regex, or 'all-linear'.")
+    return (
+        f"target_modules={targets!r} matched no linear op in {type(model).__name__}{hint}. "
+        f"Closest module paths: {close}. Linear ops found: {len(keys)}; "
+        "use one of these names, a regex, or 'all-linear'."
+    )
 
 
 def resolve_rank(site: LinearSite, config: LoraConfig) -> tuple[int, float]:
@@ -226,15 +214,15 @@ def resolve_rank(site: LinearSite, config: LoraConfig) -> tuple[int, float]:
     if r > limit:
         raise ConfigError(
             f"rank r={r} is larger than layer {site.key!r} allows ({site.in_features} in, "
-            f"{site.out_features} out, so at most {limit}); lower r or use rank_pattern for this layer.")
+            f"{site.out_features} out, so at most {limit}); lower r or use rank_pattern for this layer."
+        )
     return r, alpha
 
 
 def annotate(gm: fx.GraphModule, model: torch.nn.Module) -> dict[str, fx.Node]:
     """Write each linear site's key onto its node (plain data) and return key -> node."""
-    found = {}
+    found: dict[str, fx.Node] = {}
     for site in linear_sites(gm, model):
-        site.node.meta.setdefault(META_KEY, {})["site"] = {
-            "key": site.key, "fan_in_fan_out": site.fan_in_fan_out, "weight": site.weight_path}
+        mark_site(site.node, Site(site.key, site.weight_path, site.fan_in_fan_out))
         found.setdefault(site.key, site.node)
     return found

@@ -80,6 +80,6 @@ def bnb_dequantize_path(model: torch.nn.Module) -> torch.nn.Module:
     repacks its weight in place and runs a bf16 kernel instead (other numerics; it fails unless
     in_features % blocksize == 0 and out_features % 32 == 0). bnb decides that per module: its
     `support_avx512bf16_for_cpu` is set in `__init__` from the CPU, and read in `forward`."""
-    from peftfx.tools.bench_qlora import pin_dequantize_path
+    from peftfx.tools.bench.qlora import pin_dequantize_path
     pin_dequantize_path(model)
     return model

@@ -1,4 +1,4 @@
-"""tools/bench.py --quick end to end: every row is there with figures for both sides, and the sanity
+"""python -m peftfx.tools.bench --quick end to end: every row is there with figures for both sides, and the sanity
 checks (both sides compute the same logits in every timed state) pass. No timing thresholds."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ OTHER_ROWS = [
 def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--threads", "1", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "peftfx.tools.bench", "--quick", "--threads", "1", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -56,7 +56,7 @@ def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
         r = row(prefix)
         assert r["peftfx"] is not None and r["peft"] is not None, prefix
     # peftfx vs PEFT on bnb's packed kernel: timed where this CPU has it (AVX512-BF16), else marked n/a
-    from peftfx.tools.bench_qlora import packed_kernel_on_host
+    from peftfx.tools.bench.qlora import packed_kernel_on_host
     packed = row("QLoRA: eval forward vs PEFT on bnb's packed AVX512-BF16 kernel")
     if packed_kernel_on_host():
         assert len(packed["peftfx_samples"]) == len(packed["peft_samples"]) > 0 and packed["paired_ratio"] > 0

@@ -5,6 +5,7 @@ import torch
 
 import peftfx
 from conftest import batch
+from peftfx.rewrite import made_by, provenance_of
 
 
 def test_graph_shares_the_users_parameters(load_model):
@@ -27,7 +28,7 @@ def test_dynamic_batch_and_sequence_use_one_graph(load_model):
                 base = pm(**kw).logits
         assert got.shape == (b, s, model.config.vocab_size)
         torch.testing.assert_close(base, model(**kw).logits, atol=1e-6, rtol=1e-6)
-    eval_captures = [c for caps in pm._capturer.captures.values() for c in caps if not c.signature.training]
+    eval_captures = [c for c in pm.state.captures() if not c.signature.training]
     assert len(eval_captures) == 1
 
 
@@ -42,7 +43,7 @@ def test_other_inputs_capture_another_graph(load_model):
     with torch.no_grad():
         for extra in ({}, {"token_type_ids": token_types}, {"position_ids": positions}):
             torch.testing.assert_close(pm(**kw, **extra).logits, base(**kw, **extra).logits, atol=1e-6, rtol=1e-6)
-    assert len(pm._capturer.captures) == 3
+    assert len({c.signature for c in pm.state.captures()}) == 3
 
 
 def test_disable_adapter_runs_the_base_graph(load_model):
@@ -53,9 +54,9 @@ def test_disable_adapter_runs_the_base_graph(load_model):
     adapted = pm.graph_module
     with pm.disable_adapter():
         base_graph = pm.graph_module
-    tagged = [n for n in base_graph.graph.nodes if "pass" in n.meta.get("peftfx", {})]
+    tagged = [n for n in base_graph.graph.nodes if provenance_of(n) is not None]
     assert tagged == [] and not hasattr(base_graph, "peftfx")
-    inserted = [n for n in adapted.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith("lora")]
+    inserted = [n for n in adapted.graph.nodes if made_by(n, "lora")]
     # per site: get_attr A, linear, get_attr B, linear, get_attr scaling, mul, add; 2 layers
     assert sorted(str(n.target).split(".")[-1] if n.op == "get_attr" else str(n.target) for n in inserted) == sorted(
         ["aten.linear.default"] * 4 + ["aten.mul.Tensor", "aten.add.Tensor"] * 2 + ["A", "B", "scaling"] * 2)

@@ -7,6 +7,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import batch
+from peftfx.methods.lora import lora_weights
 from oracle import twin_models
 
 ADAPTERS = {
@@ -72,10 +73,9 @@ def test_compiled_training_step_matches_eager(compiled):
     pm.train()
     loss = pm(**kw, labels=kw["input_ids"]).loss
     loss.backward()
-    a, _ = pm.adapters.lora_weights("default", "model.layers.0.self_attn.q_proj")
+    a, _ = lora_weights(pm.adapters, "default", "model.layers.0.self_attn.q_proj")
     compiled_grad = a.grad.clone()
     a.grad = None
-    pm._variants.compile_options = None
-    pm._variants.clear()
+    pm.state.set_compile(None)  # eager again
     pm(**kw, labels=kw["input_ids"]).loss.backward()
     torch.testing.assert_close(compiled_grad, a.grad, atol=1e-6, rtol=1e-5)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftfx
+from peftfx.methods.lora import lora_weights
 
 
 class Mixer(nn.Module):
@@ -36,8 +37,8 @@ class Net(nn.Module):
 def _eager_reference(net: Net, pm, x: torch.Tensor) -> torch.Tensor:
     """The LoRA math written out in eager PyTorch, reading the adapter tensors peftfx made."""
     def lora(key, h):
-        slot = pm.adapters.lora["default"][key]
-        a, b = pm.adapters.lora_weights("default", key)
+        slot = pm.adapters.sites["default"][key]
+        a, b = lora_weights(pm.adapters, "default", key)
         return (h @ a.T @ b.T) * slot.scaling
 
     for i, block in enumerate(net.blocks):
@@ -53,7 +54,7 @@ def test_f_linear_in_custom_module_gets_adapters():
     x = torch.randn(3, 5, 16)
     pm = peftfx.apply(net, peftfx.LoraConfig(r=2, lora_alpha=4, target_modules=["w_in", "w_out"],
                                               init_lora_weights=False), example_inputs=(x,))
-    assert sorted(pm.adapters.lora["default"]) == ["blocks.0.w_in", "blocks.0.w_out", "blocks.1.w_in", "blocks.1.w_out"]
+    assert sorted(pm.adapters.sites["default"]) == ["blocks.0.w_in", "blocks.0.w_out", "blocks.1.w_in", "blocks.1.w_out"]
     pm.eval()
     with torch.no_grad():
         got = pm(x)

@@ -55,9 +55,9 @@ def test_unsupported_peft_option_is_refused(load_model, tmp_path):
     folder = _saved_adapter(load_model, tmp_path)
     cfg_path = folder / "adapter_config.json"
     data = json.loads(cfg_path.read_text())
-    data["use_dora"] = True
+    data["use_qalora"] = True
     cfg_path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="use_dora=True is a PEFT option peftfx does not support yet"):
+    with pytest.raises(ConfigError, match="use_qalora=True is a PEFT option peftfx does not support yet"):
         peftfx.load(load_model("llama"), str(folder))
 
 

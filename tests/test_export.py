@@ -12,7 +12,7 @@ import torch
 
 import peftfx
 from conftest import batch, perturb_trainable
-from peftfx.tools.export import ExportError
+from peftfx.errors import ExportError
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 SIZES = [(3, 9), (1, 1), (2, 14)]  # the example size, then batch 1 / sequence 1, then a longer one

@@ -11,8 +11,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftfx
+from peftfx.methods.lora import lora_weights
 from conftest import batch, perturb_trainable
 from oracle import twin_models
+from peftfx.rewrite import made_by
 
 aten = torch.ops.aten
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -48,7 +50,7 @@ def _assert_same(pm, inputs, train: bool) -> None:
 def _counts(gm, passes=("lora", "fuse")) -> Counter:
     """How many adapter nodes of each op the graph runs (nodes the given passes inserted)."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function"
-                   and n.meta.get("peftfx", {}).get("pass", "").startswith(passes))
+                   and any(made_by(n, p) for p in passes))
 
 
 @pytest.mark.parametrize("name,targets", [("llama", LLAMA_TARGETS), ("gpt2", GPT2_TARGETS)])
@@ -83,7 +85,7 @@ def test_llama_node_counts(load_model):
     assert fused[aten.add.Tensor] == sites
     assert fused[aten.slice.Tensor] == 5 * layers
     for node in pm.graph_module.graph.nodes:
-        if node.target == aten.mul.Tensor and node.meta.get("peftfx", {}).get("pass") == "fuse.fold_scaling":
+        if node.target == aten.mul.Tensor and made_by(node, "fuse.fold_scaling"):
             assert all(arg.op == "get_attr" for arg in node.args)  # B and the scale, not an activation
     pm.fusion = False
     pm(**inputs)
@@ -148,8 +150,8 @@ class Net(nn.Module):
 def _eager_reference(net: Net, pm, x: torch.Tensor) -> torch.Tensor:
     """The model with each site's LoRA term written out in eager PyTorch, reading peftfx's tensors."""
     def lora(key, h):
-        a, b = pm.adapters.lora_weights("default", key)
-        return (h @ a.T @ b.T) * pm.adapters.lora["default"][key].scaling
+        a, b = lora_weights(pm.adapters, "default", key)
+        return (h @ a.T @ b.T) * pm.adapters.sites["default"][key].scaling
 
     for i, blk in enumerate(net.blocks):
         p = f"blocks.{i}"
@@ -199,13 +201,13 @@ def test_decode_graph_is_fused_only_when_compiled(load_model):
     pm = peftfx.apply(load_model("llama"), peftfx.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     pm.generate(batch(b=1, s=4, pad=False)["input_ids"], max_new_tokens=2)
     capture = decode_capture(pm, "input_ids")
-    decode_graph = pm._variant(capture)[0]
+    decode_graph = pm.state.variant(capture)[0]
     assert _counts(decode_graph, passes=("lora",)) and not _counts(decode_graph, passes=("fuse",))
     pm.eval()
     pm(**batch())
     assert _counts(pm.graph_module, passes=("fuse",))
     pm.compile()  # drops the variants; building one wraps it in torch.compile but compiles nothing yet
-    assert _counts(pm._variant(capture)[0], passes=("fuse",))
+    assert _counts(pm.state.variant(capture)[0], passes=("fuse",))
 
 
 def test_bf16_model_shares_the_cast_to_the_adapter_dtype(load_model):

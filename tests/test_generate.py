@@ -12,6 +12,7 @@ import peftfx
 from conftest import CONFIGS, batch, perturb_trainable
 from oracle import twin_models
 from peftfx.generate import DECODE_MARK, Sampling
+from peftfx.rewrite import made_by
 
 NEW = 8
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
@@ -37,7 +38,7 @@ def _peft_generate(ref, **kw):
 
 
 def _decode_captures(pm) -> int:
-    return sum(len(v) for k, v in pm._capturer.captures.items() if k.inputs[0][0] == DECODE_MARK)
+    return sum(c.signature.inputs[0][0] == DECODE_MARK for c in pm.state.captures())
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -64,9 +65,8 @@ def test_lora_greedy_matches_peft(lora_twins):
     with pm.disable_adapter():
         base = pm.generate(**padded, max_new_tokens=NEW)
     assert not torch.equal(base, got)
-    gm, _ = pm._variant(next(c for k, v in pm._capturer.captures.items() if k.inputs[0][0] == DECODE_MARK
-                             for c in v))
-    assert any(n.meta.get("peftfx", {}).get("pass") == "lora.linear" for n in gm.graph.nodes)
+    gm, _ = pm.state.variant(next(c for c in pm.state.captures() if c.signature.inputs[0][0] == DECODE_MARK))
+    assert any(made_by(n, "lora.linear") for n in gm.graph.nodes)
 
 
 def test_lora_switch_disable_merge_match_peft(lora_twins):

@@ -6,10 +6,12 @@ import torch
 import transformers
 
 import peftfx
+from peftfx.methods.lora import lora_weights
 from conftest import CONFIGS, batch
 from oracle import twin_models
 
-from peftfx.passes.merge import UnsafeMergeError
+from peftfx.errors import UnsafeMergeError
+from peftfx.rewrite import made_by
 
 
 @pytest.mark.parametrize("name,config", [
@@ -28,7 +30,7 @@ def test_merge_unmerge_match_peft(name, config, load_model, tmp_path):
         merged = pm(**kw).logits
         torch.testing.assert_close(merged, ref(**kw).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
-        assert not any(n.meta.get("peftfx", {}).get("pass", "").startswith("lora") for n in pm.graph_module.graph.nodes)
+        assert not any(made_by(n, "lora") for n in pm.graph_module.graph.nodes)
         pm.unmerge_adapter()
         torch.testing.assert_close(pm(**kw).logits, unmerged, atol=1e-5, rtol=1e-5)
     worst = max((p - base_before[n]).abs().max().item() for n, p in pm.base_model.named_parameters())
@@ -76,7 +78,7 @@ def test_merging_two_adapters_matches_peft(load_model, tmp_path):
 
 def test_safe_merge_refuses_nan_and_changes_nothing(load_model):
     pm = peftfx.apply(load_model("llama"), peftfx.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
-    _, b = pm.adapters.lora_weights("default", "model.layers.1.self_attn.q_proj")
+    _, b = lora_weights(pm.adapters, "default", "model.layers.1.self_attn.q_proj")
     with torch.no_grad():
         b[0, 0] = float("nan")
     before = {n: p.detach().clone() for n, p in pm.base_model.named_parameters()}

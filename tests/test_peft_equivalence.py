@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peftfx
+from peftfx.methods.lora import lora_weights
 from conftest import batch, perturb_trainable
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,7 +85,7 @@ def test_default_init_is_identity_and_gaussian_too(load_model):
         pm = peftfx.apply(load_model("llama"), peftfx.LoraConfig(target_modules=["q_proj"], init_lora_weights=init))
         with torch.no_grad():
             torch.testing.assert_close(pm(**kw).logits, want, atol=0, rtol=0)
-        a, b = pm.adapters.lora_weights("default", "model.layers.0.self_attn.q_proj")
+        a, b = lora_weights(pm.adapters, "default", "model.layers.0.self_attn.q_proj")
         assert a.abs().sum() > 0 and b.abs().sum() == 0
 
 
@@ -93,4 +94,4 @@ def test_default_targets_follow_peft_when_none_given(load_model):
     pm = peftfx.apply(load_model("gpt2"), peftfx.LoraConfig(r=2))
     peft_keys = sorted(n.replace("base_model.model.", "").split(".lora_A")[0]
                        for n, _ in ref.named_parameters() if "lora_A" in n)
-    assert sorted(pm.adapters.lora["default"]) == peft_keys
+    assert sorted(pm.adapters.sites["default"]) == peft_keys

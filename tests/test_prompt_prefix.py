@@ -13,6 +13,7 @@ import transformers
 
 import peftfx
 from conftest import CONFIGS, batch, perturb_trainable
+from peftfx.rewrite import made_by, provenance_of
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 KINDS = {"prompt": (peft.PromptTuningConfig, peftfx.PromptTuningConfig),
@@ -201,7 +202,7 @@ def test_state_manager_switches_disables_and_deletes_prompt_adapters(load_model,
         pm.set_adapter(["default", "c"])
     with pytest.raises(peftfx.ConfigError, match="cannot be merged"):
         pm.merge_adapter()
-    with pytest.raises(peftfx.ConfigError, match="LoRA adapters only"):
+    with pytest.raises(peftfx.ConfigError, match="does not work with prompt-learning adapters"):
         pm(**kw, adapter_names=["c", "c", "c"])
     pm.delete_adapter("c")
     assert pm.active_adapters == ["default"]
@@ -231,7 +232,7 @@ def test_prefix_matches_peft_under_eager_attention(name, model_dirs, tmp_path):
     pm = peftfx.load(eager(), str(tmp_path))
     assert not any("scaled_dot_product" in str(n.target) for n in pm.graph_module.graph.nodes)
     stamped = [n for n in pm.graph_module.graph.nodes
-               if n.meta.get("peftfx", {}).get("pass") == "prefix.eager_attention"]
+               if made_by(n, "prefix.eager_attention")]
     assert stamped
     _assert_same(pm, ref, _kwargs(name))
     _assert_same(pm, ref, _kwargs(name, b=1, s=1, labels=False))
@@ -256,6 +257,6 @@ def test_graph_shows_the_prompt_rewrite(load_model):
     gm = pm.graph_module
     inputs = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     assert "input_ids" in inputs and "inputs_embeds" not in inputs
-    stamped = {n.meta["peftfx"]["pass"] for n in gm.graph.nodes if "pass" in n.meta.get("peftfx", {})}
+    stamped = {p.qualified for p in map(provenance_of, gm.graph.nodes) if p is not None}
     assert {"prompt.embeds", "prompt.mask"} <= stamped
     copy.deepcopy(pm.peft_config["default"])  # configs stay plain dataclasses

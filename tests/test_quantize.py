@@ -11,8 +11,9 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import peftfx  # noqa: E402
 from peftfx.errors import ConfigError  # noqa: E402
-from peftfx.passes.quantize import check_quantizable  # noqa: E402
-from peftfx.quant_config import MissingDependencyError, QuantConfig, as_quant_config, require_bitsandbytes  # noqa: E402
+from peftfx.quantize_weights import check_quantizable  # noqa: E402
+from peftfx.errors import MissingDependencyError
+from peftfx.quant_config import QuantConfig, as_quant_config, require_bitsandbytes  # noqa: E402
 from peftfx.quant_store import is_hollow, storage_bytes  # noqa: E402
 
 from conftest import bnb_dequantize_path  # noqa: E402

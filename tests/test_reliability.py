@@ -207,8 +207,8 @@ def test_every_peft_field_is_accepted_at_its_default(ours, theirs, extra):
 
 
 def test_unsupported_option_is_refused_at_construction():
-    with pytest.raises(ConfigError, match="use_dora=True is a PEFT option peftfx does not support yet"):
-        peftfx.LoraConfig(use_dora=True)
+    with pytest.raises(ConfigError, match="use_qalora=True is a PEFT option peftfx does not support yet"):
+        peftfx.LoraConfig(use_qalora=True)
     with pytest.raises(ConfigError, match="layer_replication"):
         peftfx.LoraConfig(layer_replication=[[0, 2]])
 
@@ -312,7 +312,7 @@ def test_an_adapter_added_again_under_its_name_runs_its_new_weights(load_model):
         with torch.no_grad():
             pm(**kw)
         # x's variants went with it: every LoRA variant left has the default adapter's layout (r=2)
-        ranks = {site[1] for spec in pm.variant_specs() for layout in spec.lora for site in layout}
+        ranks = {site[1] for spec in pm.variant_specs() for _, sites in spec.lora for site in sites}
         assert ranks == {2} and not any(spec.mixed for spec in pm.variant_specs())
 
 

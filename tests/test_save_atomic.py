@@ -114,7 +114,7 @@ def loaded_view(reader, folder) -> dict:
     """Load each adapter into a model with load_adapter (peftfx.load's path) and read back what it holds."""
     def load(path):
         reader.load_adapter(path, adapter_name="probe")
-        held = reader.peft_config["probe"].to_dict(), peftfx.io._adapter_tensors(reader, "probe")
+        held = reader.peft_config["probe"].to_dict(), reader.adapter_state_dict("probe")
         reader.delete_adapter("probe")
         return held
     return _view_of_present(folder, load)
@@ -218,7 +218,7 @@ def test_a_saved_folder_runs_the_same_in_peftfx_and_peft(models, model_dirs, tmp
         torch.testing.assert_close(ref(**kw).logits, new.eval()(**kw).logits, atol=1e-5, rtol=1e-5)
     loaded = peftfx.load(_tiny_llama(model_dirs), str(tmp_path))
     loaded.load_adapter(str(tmp_path / "other"), adapter_name="other")
-    assert same(peftfx.io._adapter_tensors(loaded, "other"), peftfx.io._adapter_tensors(new, "other"))
+    assert same(loaded.adapter_state_dict("other"), new.adapter_state_dict("other"))
 
 
 def test_reads_racing_saves_get_a_matching_pair(models, tmp_path, monkeypatch):
@@ -314,7 +314,7 @@ def test_plain_filesystem_fallback_saves_whole_files(models, tmp_path, monkeypat
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "other"]
     assert stat.S_IMODE(os.stat(tmp_path / "adapter_model.safetensors").st_mode) == 0o666 & ~_umask()
-    assert same(peftfx_view(tmp_path)["other"][1], peftfx.io._adapter_tensors(new, "other"))
+    assert same(peftfx_view(tmp_path)["other"][1], new.adapter_state_dict("other"))
 
 
 def _umask() -> int:
@@ -397,6 +397,6 @@ def test_damaged_file_in_a_peftfx_save_names_it(models, tmp_path):
     with open(tmp_path / "adapter_config.json", "w") as f:  # writes through the link, into the live save
         f.write("{")
     with pytest.raises(ConfigError, match="not valid JSON") as info:
-        peftfx.io.load_adapter_into(old, str(tmp_path), "bad")
+        old.load_adapter(str(tmp_path), "bad")
     assert str(tmp_path) in str(info.value)
     assert sorted(old.peft_config) == ["default", "other"]

@@ -8,11 +8,11 @@ from torch import fx
 
 from conftest import batch
 from oracle import twin_models
-from peftfx import state
+from peftfx.state import variants
 from peftfx.bindings import BINDINGS, eager_forward, lowered_graph
 from peftfx.generate import decode_capture
 from peftfx.passes import simplify
-from peftfx.passes.context import PassContext
+from peftfx.rewrite import PassContext
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -30,8 +30,8 @@ def _noop_casts(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _without_simplify(monkeypatch, pm) -> None:
-    monkeypatch.setattr(state, "PIPELINE", tuple(p for p in state.PIPELINE if p is not simplify))
-    pm._variants.clear()
+    monkeypatch.setattr(variants, "PIPELINE", tuple(p for p in variants.PIPELINE if p is not simplify.PASS))
+    pm.state.variants.clear()
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -73,7 +73,7 @@ def test_decode_graph_reads_grouped_heads(load_model, tmp_path, monkeypatch):
     inputs = batch(b=2, s=6)
     tokens = pm.generate(**inputs, max_new_tokens=5)
     assert torch.equal(tokens, ref.generate(**inputs, max_new_tokens=5, do_sample=False))
-    gm = pm._variant(decode_capture(pm, "input_ids"))[0]
+    gm = pm.state.variant(decode_capture(pm, "input_ids"))[0]
     assert sum(bool(n.target is SDPA and n.kwargs.get("enable_gqa")) for n in gm.graph.nodes) == 3
     assert not _noop_casts(gm)
     _without_simplify(monkeypatch, pm)
@@ -117,13 +117,12 @@ def test_direct_bindings_match_the_aten_graph(load_model, tmp_path, name):
         assert count > 0.5 * sum(n.op == "call_function" for n in gm.graph.nodes)
         assert not any(n.target in BINDINGS and not n.kwargs for n in lowered.nodes)
         results = []
-        for run in (gm.forward, eager_forward(gm)):  # the variant cache hands pm this callable
-            cache = pm._variants._variants
-            cache.update({key: (graph, run) for key, (graph, _) in cache.items() if graph is gm})
+        named = pm.state.capturer.prepare_inputs((), inputs)
+        for run in (gm.forward, eager_forward(gm)):  # the variant cache hands pm the second callable
             pm.zero_grad(set_to_none=True)
             torch.manual_seed(0)
             with torch.set_grad_enabled(training):
-                out = _logits(pm(**inputs))
+                out = _logits(run(**named))
             if training:
                 out.float().pow(2).mean().backward()
             grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}

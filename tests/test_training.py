@@ -7,7 +7,9 @@ import torch
 import transformers
 
 import peftfx
+from peftfx.methods.lora import lora_weights
 from conftest import VOCAB, batch
+from peftfx.rewrite import made_by
 
 
 def _train(pm, steps=8, lr=1e-2, **inputs):
@@ -83,7 +85,7 @@ def test_dropout_runs_in_train_mode_only(load_model):
     pm.eval()
     pm(**kw)
     lora_ops = [n.target for n in pm.graph_module.graph.nodes
-                if n.meta.get("peftfx", {}).get("pass", "").startswith("lora")]
+                if made_by(n, "lora")]
     assert torch.ops.aten.dropout.default not in lora_ops
 
 
@@ -99,7 +101,7 @@ def test_dropout_matches_peft_statistics(load_model):
             if "lora_" in n:
                 key = n.replace("base_model.model.", "").replace(".default.weight", "")
                 site, which = key.rsplit(".lora_", 1)
-                a, b = pm.adapters.lora_weights("default", site)
+                a, b = lora_weights(pm.adapters, "default", site)
                 p.copy_(a if which == "A" else b)
     kw = batch(2, 6)
     pm.train(), ref.train()
@@ -131,4 +133,4 @@ def test_trainer_runs_and_learns(load_model, tmp_path):
     assert len(logged) >= 10 and logged[-1] < logged[0]
     assert result.global_step == 12
     # the whole run was served by one training graph
-    assert len([c for caps in pm._capturer.captures.values() for c in caps if c.signature.training]) == 1
+    assert len([c for c in pm.state.captures() if c.signature.training]) == 1

@@ -62,7 +62,7 @@ def _same(pm, ref, **kw):
 
 
 def _captures(pm):
-    return [c for caps in pm._capturer.captures.values() for c in caps]
+    return pm.state.captures()
 
 
 # -- range constraints with infinite ends -----------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_wrong_input_shapes_raise_a_clear_error_and_change_nothing(load_model, t
     ref, pm = twin_models(load_model, "llama", LORA, tmp_path)
     kw = batch(3, 9)
     _same(pm, ref, **kw)
-    captures, last = _captures(pm), pm._last_capture
+    captures, last = _captures(pm), pm.state.reference_capture()
     ids = kw["input_ids"]
     bad = [dict(attention_mask=torch.ones(3, 10, dtype=torch.long)), dict(labels=ids[:2]),
            dict(attention_mask=kw["attention_mask"], labels=ids[:, :5]), dict(token_type_ids=ids[:2])]
@@ -177,5 +177,5 @@ def test_wrong_input_shapes_raise_a_clear_error_and_change_nothing(load_model, t
             pm(input_ids=ids, **extra)
         name, value = next(iter(extra.items())) if len(extra) == 1 else ("labels", extra["labels"])
         assert f"{name} {list(value.shape)}" in str(info.value) and "input_ids [3, 9]" in str(info.value)
-    assert _captures(pm) == captures and pm._last_capture is last
+    assert _captures(pm) == captures and pm.state.reference_capture() is last
     _same(pm, ref, **kw)

@@ -22,10 +22,11 @@ import torch
 import peftfx
 from conftest import CONFIGS
 from oracle import twin_models
+from peftfx.errors import GraphvizNotFoundError
+from peftfx.rewrite import made_by, provenance_of
 from peftfx.tools import cli
-from peftfx.tools.viz_dot import GraphvizNotFoundError
-from peftfx.tools.viz_fold import parse_ranges
-from peftfx.tools.visualize import visualize
+from peftfx.tools.viz import visualize
+from peftfx.tools.viz.fold import parse_ranges
 
 SVG = "{http://www.w3.org/2000/svg}"
 XLINK = "{http://www.w3.org/1999/xlink}"
@@ -96,7 +97,7 @@ def peft_lora_parameters(ref, adapter: str = "default") -> int:
 
 
 def stamped(gm) -> set[str]:
-    return {n.name for n in gm.graph.nodes if "pass" in n.meta.get("peftfx", {})}
+    return {n.name for n in gm.graph.nodes if provenance_of(n) is not None}
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
@@ -256,8 +257,8 @@ def test_qlora_quantize_nodes_are_base_not_adapter_in_the_diff(model_dirs, tmp_p
     pm = peftfx.apply(model, peftfx.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
                       quantization=peftfx.QuantConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     gm = pm.graph_module
-    lora = {n.name for n in gm.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith(("lora.", "fuse."))}
-    quant = {n.name for n in gm.graph.nodes if n.meta.get("peftfx", {}).get("pass", "").startswith("quantize.")}
+    lora = {n.name for n in gm.graph.nodes if made_by(n, "lora") or made_by(n, "fuse")}
+    quant = {n.name for n in gm.graph.nodes if made_by(n, "quantize")}
     assert lora and quant
     drawn = draw_svg(pm, tmp_path, fold=False)
     pass_only = {b.id[2:] for b in drawn.values() if "pass-only" in b.classes and "legend" not in b.classes}

@@ -73,7 +73,7 @@ def test_mixed_batch_is_one_graph_without_adapter_loops(load_model, tmp_path):
     with torch.no_grad():
         pm(**kw, adapter_names=["b", "default", "__base__"])
         pm(**kw, adapter_names=["default", "default", "b"])
-    mixed = [gm for key, (gm, _) in pm._variants._variants.items() if key[1].mixed]
+    mixed = [gm for spec, gm in pm.state.variant_graphs() if spec.mixed]
     assert len(mixed) == 1  # the same graph served both batches
     ops = [n.target for n in mixed[0].graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.aten.bmm.default) == 2 * 2  # two layers, one batched pair each

@@ -1,1 +1,2 @@
-"""peftfx tools: command line, demo and benchmarks."""
+"""peftfx tools, outside the core library: the command line (cli), the demo, the visualizer (viz),
+export, and the benchmarks against HF PEFT (bench)."""

@@ -8,15 +8,22 @@ load it onto a fresh copy of the base model and check the logits are equal, writ
 graph's code to DIR/graph.py and draw it (DIR/graph.svg and DIR/graph.html; DIR/graph.dot when
 graphviz is not installed), export a merged .pt2 artifact and check it, then merge and unload.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from peftfx.errors import DemoError
+from peftfx.rewrite.annotations import made_by
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_STEPS = 30
 DEFAULT_OUT = "peftfx-demo-out"
@@ -28,10 +35,6 @@ ARTIFACT_FILE = "model.pt2"
 # The toy task: every sequence walks the cycle 10, 11, ..., 17, 10, ... from a different start.
 CYCLE_START, CYCLE_LEN = 10, 8
 SEQ_LEN, NUM_SEQUENCES, BATCH = 32, 8, 4
-
-
-class DemoError(RuntimeError):
-    """A check of the demo failed (for example reloaded logits differ)."""
 
 
 @dataclass
@@ -57,10 +60,16 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         # Larger than Llama's 0.02 so that a q/v-only adapter can move the logits within a few steps.
-        initializer_range=0.1)
+        initializer_range=0.1,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -73,13 +82,17 @@ def toy_dataset() -> torch.Tensor:
 
 
 def count_lora_nodes(gm: torch.fx.GraphModule) -> int:
-    """Nodes the LoRA pass inserted: those stamped meta["peftfx"]["pass"] = "lora.<rule>"."""
-    return sum(1 for node in gm.graph.nodes
-               if str(node.meta.get("peftfx", {}).get("pass", "")).startswith("lora"))
+    """Nodes the LoRA pass inserted (their provenance names the pass "lora")."""
+    return sum(1 for node in gm.graph.nodes if made_by(node, "lora"))
 
 
-def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-2, seed: int = 0,
-             log: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    steps: int = DEFAULT_STEPS,
+    out: str = DEFAULT_OUT,
+    lr: float = 1e-2,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
     """Run every step of the demo, logging what it does; raises DemoError if a check fails."""
     import peftfx
 
@@ -92,14 +105,18 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
     fresh_base = copy.deepcopy(model)  # untouched copy for the reload check
 
     data = toy_dataset()
-    log(f"[2/10] toy dataset: {data.shape[0]} sequences of {data.shape[1]} tokens cycling through "
-        f"{CYCLE_START}..{CYCLE_START + CYCLE_LEN - 1}, e.g. {data[0, :10].tolist()} ...")
+    log(
+        f"[2/10] toy dataset: {data.shape[0]} sequences of {data.shape[1]} tokens cycling through "
+        f"{CYCLE_START}..{CYCLE_START + CYCLE_LEN - 1}, e.g. {data[0, :10].tolist()} ..."
+    )
 
-    log("[3/10] peftfx.apply(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))"
-        " - captures the model with torch.export and adds the adapter")
+    log(
+        "[3/10] peftfx.apply(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj']))"
+        " - captures the model with torch.export and adds the adapter"
+    )
     config = peftfx.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     pm = peftfx.apply(model, config)
-    sites = list(pm.adapters.lora["default"])
+    sites = list(pm.adapters.sites["default"])
     log(f"      adapted {len(sites)} linear ops: {', '.join(sites)}")
     pm.print_trainable_parameters()
     trainable, total = pm.get_nb_trainable_parameters()
@@ -110,7 +127,7 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
     losses = []
     for step in range(steps):
         first = (step * BATCH) % data.shape[0]
-        ids = data[first:first + BATCH]
+        ids = data[first : first + BATCH]
         output = pm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
         output.loss.backward()
         optimizer.step()
@@ -147,27 +164,35 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
 
     gm = pm.graph_module
     lora_nodes = count_lora_nodes(gm)
-    log(f"[7/10] the LoRA pass inserted {lora_nodes} nodes into the graph "
-        f"({len(sites)} sites; the graph has {len(gm.graph.nodes)} nodes in all)")
+    log(
+        f"[7/10] the LoRA pass inserted {lora_nodes} nodes into the graph "
+        f"({len(sites)} sites; the graph has {len(gm.graph.nodes)} nodes in all)"
+    )
     graph_path = os.path.join(out, GRAPH_FILE)
     with open(graph_path, "w", encoding="utf-8") as f:
-        f.write(f"# pm.graph_module.code of the peftfx demo: the eval-mode graph with LoRA on {len(sites)} sites.\n"
-                f"# Nodes the LoRA pass inserted read their weights from self.peftfx_slots (bound to the adapter).\n")
+        f.write(
+            f"# pm.graph_module.code of the peftfx demo: the eval-mode graph with LoRA on {len(sites)} sites.\n"
+            f"# Nodes the LoRA pass inserted read their weights from self.peftfx_slots (bound to the adapter).\n"
+        )
         f.write(gm.code)
     log(f"      wrote the rewritten graph's code (pm.graph_module.code) to {graph_path}")
 
     drawings = draw(pm, out, log)
 
-    log(f"[9/10] peftfx.export(pm, {os.path.join(out, ARTIFACT_FILE)!r}): the merged graph as a torch.export "
-        "artifact that runs without peftfx")
+    log(
+        f"[9/10] peftfx.export(pm, {os.path.join(out, ARTIFACT_FILE)!r}): the merged graph as a torch.export "
+        "artifact that runs without peftfx"
+    )
     artifact = peftfx.export(pm, os.path.join(out, ARTIFACT_FILE))
     with torch.no_grad():
         exported_logits = torch.export.load(artifact).module()(input_ids=probe, attention_mask=mask)["logits"]
     artifact_diff = (exported_logits - logits).abs().max().item()
     if artifact_diff > MERGED_ATOL:
         raise DemoError(f"the exported artifact gives different logits (max |diff| = {artifact_diff:.3g}).")
-    log(f"      wrote {artifact} ({os.path.getsize(artifact):,d} bytes); torch.export.load(...).module() "
-        f"gives the same logits (max |diff| = {artifact_diff:.3g})")
+    log(
+        f"      wrote {artifact} ({os.path.getsize(artifact):,d} bytes); torch.export.load(...).module() "
+        f"gives the same logits (max |diff| = {artifact_diff:.3g})"
+    )
 
     log("[10/10] pm.merge_adapter(): folding scaling * B @ A into the base weights")
     with torch.no_grad():
@@ -176,23 +201,39 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str = DEFAULT_OUT, lr: float = 1e-
     merge_diff = (merged_logits - logits).abs().max().item()
     if merge_diff > MERGED_ATOL:
         raise DemoError(f"merged model gives different logits (max |diff| = {merge_diff:.3g} > {MERGED_ATOL}).")
-    log(f"      merged logits match the unmerged ones (max |diff| = {merge_diff:.3g}); the graph that runs "
-        f"now has {count_lora_nodes(pm.graph_module)} LoRA nodes")
-    plain = pm.merge_and_unload()
+    log(
+        f"      merged logits match the unmerged ones (max |diff| = {merge_diff:.3g}); the graph that runs "
+        f"now has {count_lora_nodes(pm.graph_module)} LoRA nodes"
+    )
+    plain: PreTrainedModel = pm.merge_and_unload()  # the tiny Llama itself, adapters merged in
     merged_dir = os.path.join(out, "merged")
     plain.save_pretrained(merged_dir)
     log(f"      merge_and_unload() -> {type(plain).__name__}, saved with transformers to {merged_dir}")
 
     seconds = time.perf_counter() - start
     log(f"done in {seconds:.1f} s")
-    return DemoResult(losses[0], losses[-1], trainable, total, files, diff, adapter_effect, lora_nodes, sites,
-                      graph_path, drawings, artifact, artifact_diff, seconds)
+    return DemoResult(
+        losses[0],
+        losses[-1],
+        trainable,
+        total,
+        files,
+        diff,
+        adapter_effect,
+        lora_nodes,
+        sites,
+        graph_path,
+        drawings,
+        artifact,
+        artifact_diff,
+        seconds,
+    )
 
 
 def draw(pm, out: str, log: Callable[[str], None]) -> list[str]:
     """graph.svg and graph.html with the visualizer; graph.dot alone when graphviz's dot is missing."""
     import peftfx
-    from peftfx.tools.viz_dot import GraphvizNotFoundError
+    from peftfx.errors import GraphvizNotFoundError
 
     log("[8/10] peftfx.visualize(pm, ...): drawing where the adapter went (layers folded, LoRA coloured)")
     try:

@@ -13,38 +13,43 @@ With `aoti=True` the program is compiled ahead of time by AOTInductor into a pac
 `torch._inductor.aoti_load_package` loads. Files are written to a temporary name and renamed, so a
 failed export never leaves a partial artifact behind.
 """
+
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
 from torch import fx
+from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from peftfx.capture import export_dynamic
-from peftfx.errors import PeftFxError
-from peftfx.graph_inputs import keyword_inputs, placeholder, remove_keyword_input
-from peftfx.save_store import atomic_write
+from peftfx.errors import ExportError
 from peftfx.model import PeftFxModel
-from peftfx.passes.merge import delta_weight
-from peftfx.adapters import MOUNT, module_at
-from peftfx.quant_store import QUANT_MOUNT
-from peftfx.state import VariantSpec, build_variant
+from peftfx.rewrite import MOUNT, QUANT_MOUNT
+from peftfx.rewrite.graph_inputs import keyword_inputs, placeholder, remove_keyword_input
+from peftfx.save_store import atomic_write
+from peftfx.state import VariantSpec
+from peftfx.state.store import module_at
 
 ADAPTERS_SUFFIX = ".adapters"
 Progress = Callable[[str], None]
 
 
-class ExportError(PeftFxError, ValueError):
-    """The model cannot be exported as asked; the message says what to change."""
-
-
-def export(pm: PeftFxModel, path: str, *, merged: bool = True, aoti: bool = False,
-           adapter_names: Optional[Sequence[str]] = None, example_inputs: Optional[dict[str, Any]] = None,
-           progress: Optional[Progress] = None) -> str:
+def export(
+    pm: PeftFxModel,
+    path: str,
+    *,
+    merged: bool = True,
+    aoti: bool = False,
+    adapter_names: Optional[Sequence[str]] = None,
+    example_inputs: Optional[dict[str, Any]] = None,
+    progress: Optional[Progress] = None,
+) -> str:
     """Write `pm` (its active adapters, or `adapter_names`) as a torch.export artifact at `path`.
 
     `merged=True` folds the adapters into the artifact's weights; `merged=False` keeps them separate
@@ -61,8 +66,9 @@ def export(pm: PeftFxModel, path: str, *, merged: bool = True, aoti: bool = Fals
     example = {name: example[name] for name in keyword_inputs(gm)}
     start = time.perf_counter()
     say(f"exporting the {'merged' if merged else 'unmerged'} graph ({len(gm.graph.nodes)} nodes) with torch.export")
-    axes = {n: pm._capturer._axes_for(n, v) for n, v in example.items()}
-    program = export_dynamic(gm, example, axes, pm._capturer._max_seq())
+    capturer = pm.state.capturer
+    axes = {n: capturer.axes_for(n, v) for n, v in example.items()}
+    program = export_dynamic(gm, example, axes, capturer.max_seq())
     say(f"  exported in {time.perf_counter() - start:.1f} s")
     _keep_range_checks_only(program)
     if merged:
@@ -93,7 +99,7 @@ def _check_path(path: str) -> None:
 
 def _adapters(pm: PeftFxModel, names: Optional[Sequence[str]]) -> list[str]:
     if names is None:
-        return [] if pm._disabled else list(pm.active_adapters)
+        return [] if pm.state.disabled else list(pm.active_adapters)
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in pm.peft_config]
     if unknown:
@@ -104,33 +110,24 @@ def _adapters(pm: PeftFxModel, names: Optional[Sequence[str]]) -> list[str]:
 def _example(pm: PeftFxModel, example_inputs: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The call to export with: the user's example inputs, or ones made from the model's config."""
     if example_inputs is None:
-        return pm._reference_named()
-    return pm._capturer.prepare_inputs((), dict(example_inputs))
+        return pm.state.reference_inputs()
+    return pm.state.capturer.prepare_inputs((), dict(example_inputs))
 
 
-def _graph(pm: PeftFxModel, adapters: list[str], merged: bool,
-           named: dict[str, Any]) -> tuple[fx.GraphModule, VariantSpec]:
+def _graph(
+    pm: PeftFxModel, adapters: list[str], merged: bool, named: dict[str, Any]
+) -> tuple[fx.GraphModule, VariantSpec]:
     """A fresh eval-mode variant graph (never a cached one: its inputs are edited below)."""
     store = pm.adapters
-    prompt = [a for a in adapters if a in store.prompts]
-    if prompt and len(adapters) > 1:
+    if len(adapters) > 1 and any(store.method_of(a).stage == "inputs" for a in adapters):
         raise ExportError("a prompt-learning adapter exports alone; pass adapter_names=[one adapter].")
-    quant = pm.quant
-    if merged and quant is not None and any(store.lora.get(a) for a in adapters):
-        raise ExportError("merged export onto a quantized base is not supported (folding would requantize); "
-                          "export with merged=False, or merge_and_unload(dequantize=True) and apply peftfx "
-                          "to the result.")
-    saving = tuple(a for a in adapters if store.saved.get(a))
-    if prompt:
-        capture, spec, _ = pm._prompt_capture(prompt[0], named, training=False)
-        bind: tuple[str, ...] = ()
-    else:
-        capture = pm._capturer.get(named, training=False)
-        unmerged = tuple(a for a in adapters if a not in pm.merged_adapters)
-        lora = () if merged else tuple(store.layout(a) for a in unmerged)
-        spec = VariantSpec(lora=lora, saved=saving)
-        bind = () if merged else unmerged
-    gm = build_variant(capture, pm.base_model, store, spec, bind, quant, fuse=pm.fusion)  # as pm runs it
+    if merged and pm.quant is not None and any(store.sites.get(a) for a in adapters):
+        raise ExportError(
+            "merged export onto a quantized base is not supported (folding would requantize); "
+            "export with merged=False, or merge_and_unload(dequantize=True) and apply peftfx "
+            "to the result."
+        )
+    gm, spec = pm.state.fresh_variant(named, adapters, fold_adapters=merged)  # as pm runs it
     _keep_only_what_the_graph_reads(gm)
     _drop_constant_inputs(gm, {n for n, v in named.items() if isinstance(v, torch.Tensor)})
     _plain_outputs(gm)
@@ -146,7 +143,7 @@ def _keep_only_what_the_graph_reads(gm: fx.GraphModule) -> None:
             holder = torch.nn.Module()
             for node in gm.graph.nodes:
                 if node.op == "get_attr" and node.target.startswith(mount + "."):
-                    _hold(holder, node.target[len(mount) + 1:], gm.get_submodule(mount))
+                    _hold(holder, node.target[len(mount) + 1 :], gm.get_submodule(mount))
             setattr(gm, mount, holder)
     gm.delete_all_unused_submodules()
 
@@ -186,11 +183,12 @@ def _keep_range_checks_only(program: torch.export.ExportedProgram) -> None:
 def _plain_outputs(gm: fx.GraphModule) -> None:
     """Return a transformers ModelOutput as a plain dict, so loading the artifact needs only torch
     (torch.export cannot deserialize an output type whose module is not imported)."""
-    info = gm.graph._codegen.pytree_info
+    codegen = cast(_PyTreeCodeGen, gm.graph._codegen)  # exported graphs keep the pytree calling convention
+    info = codegen.pytree_info
     spec = info.out_spec
     if spec is not None and spec.type is not dict and isinstance(spec.type, type) and issubclass(spec.type, dict):
         plain = pytree.TreeSpec(dict, list(spec.context), list(spec.children()))
-        gm.graph._codegen.pytree_info = info._replace(out_spec=plain)
+        codegen.pytree_info = info._replace(out_spec=plain)
         gm._out_spec = plain
         gm.recompile()
 
@@ -204,19 +202,20 @@ def _names_by_identity(program: torch.export.ExportedProgram) -> dict[int, str]:
 
 
 def _fold_adapters(pm: PeftFxModel, program: torch.export.ExportedProgram, adapters: list[str]) -> None:
-    """Replace each adapted weight of the artifact by a merged copy (the user's weight is untouched)."""
+    """Replace each adapted weight of the artifact by a merged copy, as each adapter's method merges it
+    (the user's weight is untouched)."""
     names = _names_by_identity(program)
     weights = dict(pm.base_model.named_parameters(remove_duplicate=False))
     store = pm.adapters
     with torch.no_grad():
         for adapter in adapters:
-            if adapter in pm.merged_adapters:
-                continue  # already in the weights
-            for slot in store.lora.get(adapter, {}).values():
-                weight = weights[slot.weight_path]
-                name = names[id(weight)]
-                current = program.state_dict[name]
-                merged = current.detach() + delta_weight(store, adapter, slot).to(current.dtype)
+            method = store.method_of(adapter)
+            if adapter in pm.merged_adapters or not method.can_merge:
+                continue  # already in the weights, or nothing to fold
+            for site in method.merge_sites(store, adapter):
+                name = names[id(weights[method.weight_path(site)])]
+                current = program.state_dict[name].detach()
+                merged = method.merge_weight(store, adapter, site, current, {})
                 program.state_dict[name] = torch.nn.Parameter(merged, requires_grad=False)
 
 
@@ -224,33 +223,30 @@ def adapter_tensors(pm: PeftFxModel, program: torch.export.ExportedProgram, expo
     """For each adapter with the exported adapter's layout: artifact tensor name -> that adapter's tensor."""
     store = pm.adapters
     names = _names_by_identity(program)
-    roles = {}  # artifact name -> (site key, role)
-    for key in store.lora[exported]:
-        a, b = store.lora_weights(exported, key)
-        for role, tensor in (("A", a), ("B", b), ("scaling", store.scaling_tensor(exported, key))):
+    roles = {}  # artifact name -> (site key, the method's name for the tensor: "A", "B", "scaling", ...)
+    for key, tensors in store.site_tensors(exported).items():
+        for role, tensor in tensors.items():
             if id(tensor) in names:
                 roles[names[id(tensor)]] = (key, role)
     layout = store.layout(exported)
-    out = {}
-    for adapter in store.lora:
-        if store.layout(adapter) != layout:
-            continue
-        tensors = {}
-        for name, (key, role) in roles.items():
-            a, b = store.lora_weights(adapter, key)
-            tensor = {"A": a, "B": b, "scaling": store.scaling_tensor(adapter, key)}[role]
-            tensors[name] = tensor.detach().contiguous()
-        out[adapter] = tensors
-    return out
+    same = tuple(adapter for adapter in store.sites if store.layout(adapter) == layout)
+    pm.state.before_run(same, training=False)  # constants the graph reads (DoRA's norm scale) made current
+    return {
+        adapter: {
+            name: store.site_tensors(adapter)[key][role].detach().contiguous() for name, (key, role) in roles.items()
+        }
+        for adapter in same
+    }
 
 
 def _write_sidecars(path: str, sidecars: dict[str, dict], say: Progress) -> None:
     from safetensors.torch import save_file
+
     folder = path + ADAPTERS_SUFFIX
     os.makedirs(folder, exist_ok=True)
     for adapter, tensors in sidecars.items():
         target = os.path.join(folder, f"{adapter}.safetensors")
-        atomic_write(target, lambda tmp, t=tensors: save_file(t, tmp))
+        atomic_write(target, functools.partial(save_file, tensors))  # save_file(tensors, tmp)
     say(f"  wrote {len(sidecars)} adapter weight file(s) for this artifact to {folder}/")
 
 

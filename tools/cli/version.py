@@ -1,0 +1,20 @@
+"""`peftfx version`: the versions of peftfx, torch and transformers, for bug reports."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(commands: "argparse._SubParsersAction") -> None:
+    version = commands.add_parser("version", help="print the versions of peftfx, torch and transformers")
+    version.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import peftfx
+
+    print(f"peftfx {peftfx.__version__} (torch {torch.__version__}, transformers {transformers.__version__})")
+    return 0

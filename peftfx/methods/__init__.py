@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import AdapterMethod, AdapterPlan, Entry, MethodEnv
+from .ia3 import METHOD as IA3
 from .lora import METHOD as LORA
 from .prompt import PREFIX_TUNING, PROMPT_TUNING
 
@@ -17,6 +18,7 @@ METHODS: tuple[AdapterMethod, ...] = (
     PROMPT_TUNING,
     PREFIX_TUNING,
     LORA,
+    IA3,
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import AdapterMethod, AdapterPlan, Entry, MethodEnv
+from .dora import METHOD as DORA
 from .ia3 import METHOD as IA3
 from .lora import METHOD as LORA
 from .prompt import PREFIX_TUNING, PROMPT_TUNING
@@ -17,6 +18,7 @@ from .prompt import PREFIX_TUNING, PROMPT_TUNING
 METHODS: tuple[AdapterMethod, ...] = (
     PROMPT_TUNING,
     PREFIX_TUNING,
+    DORA,
     LORA,
     IA3,
 )

@@ -30,13 +30,10 @@ class SlotBank(nn.Module):
         if self.bound == (adapters, store.version):
             return
         for position, adapter in enumerate(adapters):
-            for key, tensors in store.site_tensors(adapter).items():
+            for key, parameters, buffers in store.site_bindings(adapter):
                 holder = self._holders.get((position, key))
                 if holder is None:
                     holder = self._holders[(position, key)] = module_at(self, f"p{position}.{key}", create=True)
-                for name, tensor in tensors.items():
-                    if isinstance(tensor, nn.Parameter):
-                        holder._parameters[name] = tensor
-                    else:
-                        holder._buffers[name] = tensor
+                holder._parameters.update(parameters)
+                holder._buffers.update(buffers)
         self.bound = (adapters, store.version)

@@ -67,6 +67,7 @@ class AdapterStore(nn.Module):
         self._paths: dict[str, dict[tuple[str, str], str]] = {}  # adapter -> (site key, name) -> store path
         self._layouts: dict[tuple, tuple] = {}
         self._sites: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # adapter -> key -> name -> tensor
+        self._bindings: dict[str, list[tuple[str, dict[str, nn.Parameter], dict[str, torch.Tensor]]]] = {}
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters, for this version
         self._tables_version = -1
 
@@ -196,6 +197,7 @@ class AdapterStore(nn.Module):
     def _check_tables(self) -> None:
         if self._tables_version != self.version:
             self._sites.clear()
+            self._bindings.clear()
             self._params.clear()
             self._tables_version = self.version
 
@@ -209,6 +211,21 @@ class AdapterStore(nn.Module):
                 table.setdefault(key, {})[name] = self.tensor(path)
             self._sites[adapter] = table
         return self._sites[adapter]
+
+    def site_bindings(self, adapter: str) -> list[tuple[str, dict[str, nn.Parameter], dict[str, torch.Tensor]]]:
+        """(key, parameters by name, buffers by name) per site: what a slot bank points its holders at,
+        split once per store version (a switch then updates two dicts per site, no type checks)."""
+        self._check_tables()
+        if adapter not in self._bindings:
+            self._bindings[adapter] = [
+                (
+                    key,
+                    {n: t for n, t in tensors.items() if isinstance(t, nn.Parameter)},
+                    {n: t for n, t in tensors.items() if not isinstance(t, nn.Parameter)},
+                )
+                for key, tensors in self.site_tensors(adapter).items()
+            ]
+        return self._bindings[adapter]
 
     # -- adapters as a whole ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from peftfx.rewrite import (
     PassContext,
     Rule,
     read_tensor,
-    site_of,
+    served_site,
     slot_path,
     store_path,
 )
@@ -43,19 +43,6 @@ from peftfx.rewrite.layout import LinearParts
 aten = torch.ops.aten
 NAME = "dora"
 M, SCALE, B_EVAL, BIAS_EVAL, W_NORM2 = "m", "dora_scale", "dora_B", "dora_bias", "dora_wnorm2"
-
-
-def _served_site(mixed: bool):
-    """A linear site that one of the variant's DoRA adapters adapts; captures its key."""
-
-    def where(node: fx.Node, ctx: PassContext):
-        site = site_of(node)
-        adapters = ctx.mixed_of(NAME) if mixed else [a for _, a in ctx.positions(NAME)]
-        if site is None or not any(site.key in ctx.store.sites.get(a, {}) for a in adapters):
-            return None
-        return {"key": site.key}
-
-    return where
 
 
 def _validate(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -218,8 +205,8 @@ def _insert_mixed(b: Builder, ctx: PassContext, m: Captures) -> None:
 PASS = Pass(
     NAME,
     rules=(
-        Rule("mixed", P(tuple(LINEAR_OPS), where=_served_site(mixed=True)), _insert_mixed),
-        Rule("linear", P(tuple(LINEAR_OPS), where=_served_site(mixed=False)), _insert_dora),
+        Rule("mixed", P(tuple(LINEAR_OPS), where=served_site(NAME, mixed=True)), _insert_mixed),
+        Rule("linear", P(tuple(LINEAR_OPS), where=served_site(NAME, mixed=False)), _insert_dora),
     ),
     applies=lambda ctx: bool(ctx.positions(NAME) or ctx.mixed_of(NAME)),
     validate=_validate,

@@ -22,24 +22,22 @@ from typing import Any, Callable, Optional, cast
 import torch
 from torch import fx
 
-from peftfx.rewrite import LINEAR_OPS, Builder, Captures, P, Pass, PassContext, Rule, site_of, slot_path, store_path
+from peftfx.rewrite import (
+    LINEAR_OPS,
+    Builder,
+    Captures,
+    P,
+    Pass,
+    PassContext,
+    Rule,
+    served_site,
+    slot_path,
+    store_path,
+)
 from peftfx.rewrite.layout import LinearParts
 
 aten = torch.ops.aten
 NAME = "ia3"
-
-
-def _served_site(mixed: bool):
-    """A linear site (marked by selection) that one of the variant's IA3 adapters adapts; captures its key."""
-
-    def where(node: fx.Node, ctx: PassContext):
-        site = site_of(node)
-        adapters = ctx.mixed_of(NAME) if mixed else [a for _, a in ctx.positions(NAME)]
-        if site is None or not any(site.key in ctx.store.sites.get(a, {}) for a in adapters):
-            return None
-        return {"key": site.key}
-
-    return where
 
 
 def _dtype(node: object) -> Optional[torch.dtype]:
@@ -153,8 +151,8 @@ def _insert_mixed(b: Builder, ctx: PassContext, m: Captures) -> None:
 PASS = Pass(
     NAME,
     rules=(
-        Rule("mixed", P(tuple(LINEAR_OPS), where=_served_site(mixed=True)), _insert_mixed),
-        Rule("linear", P(tuple(LINEAR_OPS), where=_served_site(mixed=False)), _insert),
+        Rule("mixed", P(tuple(LINEAR_OPS), where=served_site(NAME, mixed=True)), _insert_mixed),
+        Rule("linear", P(tuple(LINEAR_OPS), where=served_site(NAME, mixed=False)), _insert),
     ),
     applies=lambda ctx: bool(ctx.positions(NAME) or ctx.mixed_of(NAME)),
 )

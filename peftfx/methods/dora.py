@@ -38,12 +38,12 @@ from ..config import LoraConfig
 from ..config.lora import accept_lora_option
 from ..errors import ConfigError
 from .base import PEFT_PREFIX, AdapterMethod, AdapterPlan, Entry, MethodEnv, modules_to_save_paths
+from .lora import METHOD as LORA
 from .lora import (
     LoraSlot,
     adapter_dtype,
     add_lora_tensors,
     delta_weight,
-    lora_weight_path,
     plan_slots,
     trainable_biases,
 )
@@ -126,17 +126,9 @@ class Dora(AdapterMethod):
         return AdapterPlan(name, config, self, slots, saved, trainable_biases(env.model, config, slots, saved))
 
     def entries(self, env: MethodEnv, plan: AdapterPlan) -> list[Entry]:
-        out = []
+        """LoRA's A and B, plus the magnitude vector of each site."""
+        out = LORA.entries(env, plan)
         for slot in plan.sites:
-            for which, shape in (("A", (slot.r, slot.in_features)), ("B", (slot.out_features, slot.r))):
-                out.append(
-                    Entry(
-                        f"{PEFT_PREFIX}{slot.key}.lora_{which}.weight",
-                        "store",
-                        lora_weight_path(slot.key, plan.name, which),
-                        shape,
-                    )
-                )
             out.append(
                 Entry(
                     f"{PEFT_PREFIX}{slot.key}.{MAGNITUDE}",

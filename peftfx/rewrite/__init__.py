@@ -8,7 +8,7 @@ Passes import only this package (and peftfx.errors); the engine imports passes.
 
 from .annotations import Annotation, Provenance, Site, annotation, made_by, mark_site, provenance_of, site_of
 from .builder import Builder, read_tensor
-from .context import PassContext
+from .context import PassContext, served_site
 from .layout import LINEAR_OPS, MOUNT, QUANT_MOUNT, SLOTS, slot_path, store_path
 from .passes import Pass, Rule, run_pass
 from .patterns import ANY, ATTR, INPUT, Captures, Match, P, Pattern
@@ -25,6 +25,7 @@ __all__ = [
     "Builder",
     "read_tensor",
     "PassContext",
+    "served_site",
     "LINEAR_OPS",
     "MOUNT",
     "QUANT_MOUNT",

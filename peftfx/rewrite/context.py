@@ -7,9 +7,11 @@ read these duck-typed: they import nothing from the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import fx
+
+from .annotations import site_of
 
 
 @dataclass
@@ -54,3 +56,17 @@ class PassContext:
     def prompt_config(self) -> Any:
         """The config of the variant's prompt-learning adapter."""
         return self.store.configs[self.prompt[0]]
+
+
+def served_site(method: str, mixed: bool) -> Callable[[fx.Node, PassContext], Optional[dict[str, str]]]:
+    """A `where` predicate for a weight method's rule: a site (marked by selection) that one of the
+    variant's adapters of `method` adapts (the bound ones, or a mixed batch's); captures its key."""
+
+    def where(node: fx.Node, ctx: PassContext) -> Optional[dict[str, str]]:
+        site = site_of(node)
+        adapters = ctx.mixed_of(method) if mixed else [a for _, a in ctx.positions(method)]
+        if site is None or not any(site.key in ctx.store.sites.get(a, {}) for a in adapters):
+            return None
+        return {"key": site.key}
+
+    return where

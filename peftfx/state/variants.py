@@ -71,7 +71,7 @@ class VariantSpec:
         return not (self.lora or self.saved or self.mixed or self.prompt)
 
 
-def build_variant(
+def prepare_variant(
     capture: Capture,
     model: torch.nn.Module,
     store: AdapterStore,
@@ -79,10 +79,10 @@ def build_variant(
     bind: tuple[str, ...],
     quant: Optional[torch.nn.Module] = None,
     fuse: bool = True,
-) -> fx.GraphModule:
-    """A fresh graph from the capture, rewritten by the pipeline; its slot bank bound to `bind`.
-    With a quant store (a quantized base), every variant mounts it, the base variant included.
-    `fuse=False` leaves the adapter paths as the lora pass wrote them (passes/fuse.py does not run)."""
+) -> tuple[fx.GraphModule, PassContext]:
+    """A fresh graph from the capture with the stores mounted and its slot bank bound to `bind`, and
+    the context the pipeline runs with (tests/passes runs single passes on it). With a quant store (a
+    quantized base), every variant mounts it, the base variant included."""
     gm = capture.fresh_module()
     if quant is not None:
         gm.add_module(QUANT_MOUNT, quant)
@@ -108,6 +108,21 @@ def build_variant(
         prompt_kind=store.kinds.get(spec.prompt[0]) if spec.prompt else None,
         positions_from_mask=positions_from_mask(model),
     )
+    return gm, ctx
+
+
+def build_variant(
+    capture: Capture,
+    model: torch.nn.Module,
+    store: AdapterStore,
+    spec: VariantSpec,
+    bind: tuple[str, ...],
+    quant: Optional[torch.nn.Module] = None,
+    fuse: bool = True,
+) -> fx.GraphModule:
+    """A fresh graph from the capture, rewritten by the pipeline. `fuse=False` leaves the adapter paths
+    as the lora pass wrote them (passes/fuse.py does not run)."""
+    gm, ctx = prepare_variant(capture, model, store, spec, bind, quant, fuse)
     for graph_pass in PIPELINE:
         run_pass(gm, graph_pass, ctx)
     gm.recompile()

@@ -19,12 +19,8 @@ import torch
 from torch import fx, nn
 
 from conftest import CONFIGS, batch, bnb_dequantize_path, perturb_trainable  # noqa: F401  (tests/conftest.py)
-from peftfx.rewrite import MOUNT, QUANT_MOUNT, SLOTS, PassContext, made_by, provenance_of, run_pass
-from peftfx.rewrite.graph_inputs import add_keyword_input
-from peftfx.select import annotate
-from peftfx.state.slots import SlotBank
-from peftfx.state.variants import VariantSpec
-from peftfx.virtual_tokens import positions_from_mask
+from peftfx.rewrite import PassContext, made_by, provenance_of, run_pass
+from peftfx.state.variants import VariantSpec, prepare_variant
 
 aten = torch.ops.aten
 
@@ -56,22 +52,7 @@ def variant_setup(pm, capture, spec: Optional[VariantSpec] = None, bind: Optiona
         spec = dataclasses.replace(spec, training=training)
     if bind is None:
         bind = state.bound_adapters() if spec.lora else ()
-    model, store, quant = state.model, state.store, state.quant
-    gm = capture.fresh_module()
-    if quant is not None:
-        gm.add_module(QUANT_MOUNT, quant)
-    if not spec.is_base:
-        gm.add_module(MOUNT, store)
-        annotate(gm, model)
-    if spec.lora:
-        bank = SlotBank()
-        bank.bind(store, bind)
-        gm.add_module(SLOTS, bank)
-    row_index = add_keyword_input(gm, spec.row_input) if spec.mixed else None
-    ctx = PassContext(model=model, store=store, bound=bind, saved=spec.saved, mixed=spec.mixed,
-                      row_index=row_index, prompt=spec.prompt, training=spec.training, quant=quant, fuse=fuse,
-                      prompt_kind=store.kinds.get(spec.prompt[0]) if spec.prompt else None,
-                      positions_from_mask=positions_from_mask(model))
+    gm, ctx = prepare_variant(capture, state.model, state.store, spec, bind, state.quant, fuse)
     state.before_run(bind if spec.lora else spec.mixed, spec.training)  # methods' per-run constants (DoRA)
     return gm, dataclasses.replace(ctx, **changes) if changes else ctx
 

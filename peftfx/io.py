@@ -14,6 +14,7 @@ never a mix of the two, for every adapter of a multi-adapter save.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -24,10 +25,10 @@ from typing import Any, Iterable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import save_store
+from . import hub, save_store
 from .config import DEFAULT_LORA_TARGETS, AdapterConfig, LoraConfig, config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError, ConfigError
-from .methods.base import PEFT_PREFIX, AdapterPlan, Entry, MethodEnv
+from .methods.base import PEFT_PREFIX, AdapterPlan, Entry, MethodEnv, modules_to_save_paths
 from .state.store import AdapterStore
 
 CONFIG_NAME = "adapter_config.json"
@@ -160,16 +161,13 @@ def save_adapters(
 
 
 def _write_adapter(env: MethodEnv, name: str, folder: str) -> None:
-    """One adapter's two files, with the usual permissions, flushed to disk."""
-    mode = 0o666 & ~save_store.umask()
-    weights = os.path.join(folder, SAFETENSORS_NAME)
-    save_file(adapter_tensors(env, name), weights, metadata={"format": "pt"})
-    os.chmod(weights, mode)  # safetensors writes 0600 through its own temporary file
-    config = os.path.join(folder, CONFIG_NAME)
-    _write_text(config, json.dumps(_config_for_saving(env.model, env.store.configs[name]), indent=2, sort_keys=True))
-    os.chmod(config, mode)
-    save_store.fsync(weights)
-    save_store.fsync(config)
+    """One adapter's two files, each whole, with the usual permissions, flushed to disk."""
+    tensors = adapter_tensors(env, name)
+    save_store.atomic_write(
+        os.path.join(folder, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    config = json.dumps(saved_config_dict(env, name), indent=2, sort_keys=True)
+    save_store.atomic_write(os.path.join(folder, CONFIG_NAME), config)
 
 
 def adapter_tensors(env: MethodEnv, name: str) -> dict[str, torch.Tensor]:
@@ -181,30 +179,131 @@ def adapter_tensors(env: MethodEnv, name: str) -> dict[str, torch.Tensor]:
         }
 
 
-def _config_for_saving(model: torch.nn.Module, config: AdapterConfig) -> dict[str, Any]:
+def saved_config_dict(env: MethodEnv, name: str) -> dict[str, Any]:
+    """The adapter_config.json content of an adapter: its config with inference_mode on, PEFT's default
+    targets written out, the base model's name and, when the config has none, the task type of the
+    model class (so PEFT's AutoPeftModel can choose the class)."""
+    model, config = env.model, env.store.configs[name]
     data = config.to_dict()
     data["inference_mode"] = True
+    model_config = getattr(model, "config", None)
     if data.get("target_modules", "") is None and isinstance(config, LoraConfig):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        data["target_modules"] = DEFAULT_LORA_TARGETS.get(model_type or "")
+        data["target_modules"] = DEFAULT_LORA_TARGETS.get(getattr(model_config, "model_type", None) or "")
     if data["base_model_name_or_path"] is None:
-        name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        data["base_model_name_or_path"] = name or None
+        data["base_model_name_or_path"] = getattr(model_config, "_name_or_path", None) or None
+    if data.get("task_type") is None:
+        task = task_type_of(model)
+        # PEFT (and peftfx) add the task head of a classification task to modules_to_save: fill the task
+        # only where that adds nothing, or the reloaded adapter would expect a head it never saved.
+        if task is not None and _saved_paths_with_task(model, config, task) == list(env.store.saved.get(name, {})):
+            data["task_type"] = task
     return data
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def _saved_paths_with_task(model: torch.nn.Module, config: AdapterConfig, task: str) -> list[str]:
+    return modules_to_save_paths(model, dataclasses.replace(config, task_type=task))
+
+
+# transformers' Auto mappings (model_type -> class names) by PEFT task type, most specific first.
+_TASK_MAPPINGS = (
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+_TASK_SUFFIXES = (
+    ("CAUSAL_LM", ("ForCausalLM", "LMHeadModel")),
+    ("SEQ_CLS", ("ForSequenceClassification",)),
+    ("TOKEN_CLS", ("ForTokenClassification",)),
+    ("QUESTION_ANS", ("ForQuestionAnswering",)),
+)
+
+
+def task_type_of(model: torch.nn.Module) -> Optional[str]:
+    """PEFT's task type for a transformers model class (LlamaForCausalLM -> CAUSAL_LM, ...), from
+    transformers' own Auto mappings, else from the class-name suffix; None for anything else."""
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return None
+    name = type(model).__name__
+    from transformers.models.auto import modeling_auto
+
+    for task, mapping in _TASK_MAPPINGS:
+        for value in getattr(modeling_auto, mapping, {}).values():
+            if name == value or (isinstance(value, (tuple, list)) and name in value):
+                return task
+    for task, suffixes in _TASK_SUFFIXES:
+        if name.endswith(suffixes):
+            return task
+    return None
+
+
+# -- PEFT's saved embedding layers -------------------------------------------------------------------
+
+
+def embedding_paths(model: torch.nn.Module) -> list[str]:
+    """Module paths of a transformers model's input and output embeddings (one path per module: a tied
+    lm_head is its own module sharing the weight)."""
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            wanted.append(module)
+    paths = [name for name, m in model.named_modules(remove_duplicate=False) if any(m is w for w in wanted)]
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+def split_embedding_copies(
+    env: MethodEnv, weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter tensors, {base parameter name: tensor}). PEFT saves the whole input/output embedding
+    weight as `<emb>.base_layer.weight` when the adapter targets it (`lm_head`, tied or not); that is a
+    base weight, which PEFT loads into the model. (The `<emb>.weight` PEFT writes for a resized
+    vocabulary is not taken: it is also the key of a modules_to_save copy of that module.)"""
+    params = dict(env.model.named_parameters(remove_duplicate=False))
+    copies: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    names = {f"{PEFT_PREFIX}{path}.base_layer.weight": f"{path}.weight" for path in embedding_paths(env.model)}
+    for key, value in weights.items():
+        param = names.get(key)
+        if param is not None and param in params:
+            if tuple(value.shape) != tuple(params[param].shape):
+                raise CheckpointError(
+                    f"{key!r} (a copy of the base embedding PEFT saves) has shape {tuple(value.shape)} but the "
+                    f"model's {param} has {tuple(params[param].shape)}; resize the model's token embeddings "
+                    "to the adapter's vocabulary first (model.resize_token_embeddings)."
+                )
+            copies[param] = value
+        else:
+            rest[key] = value
+    return rest, copies
+
+
+def copy_embeddings(env: MethodEnv, copies: dict[str, torch.Tensor]) -> None:
+    """Write PEFT's saved embedding copies into the base weights, as PEFT's loader does (equal values,
+    the usual case, change nothing). A tied weight changes for both its modules."""
+    params = dict(env.model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in copies.items():
+            dest = params[name]
+            value = value.to(device=dest.device, dtype=dest.dtype)
+            if not torch.equal(dest, value):
+                dest.copy_(value)
 
 
 # -- reading -----------------------------------------------------------------------------------------
 
 
 def resolve_adapter_files(
-    model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None
+    model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None, **hub_kwargs: Any
 ) -> tuple[str, str]:
-    """(config path, weights path) from a local folder or a hub repo id (through huggingface_hub)."""
+    """(config path, weights path) from a local folder or a hub repo id (through huggingface_hub's
+    hf_hub_download, which gets `hub_kwargs`: PEFT's cache_dir, token, local_files_only, ...)."""
+    download = hub.download_kwargs(hub_kwargs)  # unknown names are an error for a local folder too
     model_id = os.fspath(model_id)
     local = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local):
@@ -222,28 +321,7 @@ def resolve_adapter_files(
             f"adapter path {local!r} does not exist; give a folder written by "
             "save_pretrained or a hub repo id like 'user/adapter'."
         )
-    return _resolve_from_hub(model_id, subfolder, revision)
-
-
-def _resolve_from_hub(repo_id: str, subfolder: Optional[str], revision: Optional[str]) -> tuple[str, str]:
-    from huggingface_hub import hf_hub_download
-
-    def fetch(filename: str) -> str:
-        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision)
-
-    try:
-        config_path = fetch(CONFIG_NAME)
-    except Exception as exc:  # huggingface_hub raises several types (offline, missing repo, ...)
-        raise AdapterNotFoundError(
-            f"{repo_id!r} is neither a local folder nor a hub adapter peftfx could resolve "
-            f"({type(exc).__name__}: {exc}). Check the path, or the repo id and your hub cache."
-        ) from exc
-    for weights_name in (SAFETENSORS_NAME, BIN_NAME):
-        try:
-            return config_path, fetch(weights_name)
-        except Exception:
-            continue
-    raise AdapterNotFoundError(f"hub repo {repo_id!r} has {CONFIG_NAME} but no adapter weights file.")
+    return hub.resolve_adapter(model_id, subfolder, revision, download, CONFIG_NAME, (SAFETENSORS_NAME, BIN_NAME))
 
 
 def read_config(config_path: str) -> AdapterConfig:
@@ -289,12 +367,13 @@ def read_weights(weights_path: str) -> dict[str, torch.Tensor]:
 
 
 def read_adapter(
-    model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None
+    model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None, **hub_kwargs: Any
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
     """(config, weights, weights path) of one save, read as a matching pair: a folder saved by peftfx is
-    read under a shared lock on its store, so a save in progress is waited for and none commits meanwhile."""
-    config_path, _ = resolve_adapter_files(model_id, subfolder, revision)
+    read under a shared lock on its store, so a save in progress is waited for and none commits meanwhile.
+    `hub_kwargs`: PEFT's download arguments for a hub repo id (see resolve_adapter_files)."""
+    config_path, _ = resolve_adapter_files(model_id, subfolder, revision, **hub_kwargs)
     store = save_store.store_of(config_path)
     with save_store.locked(store, shared=True) if store else contextlib.nullcontext():
-        config_path, weights_path = resolve_adapter_files(model_id, subfolder, revision)
+        config_path, weights_path = resolve_adapter_files(model_id, subfolder, revision, **hub_kwargs)
         return read_config(config_path), read_weights(weights_path), weights_path

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, Mapping, Optional, Union, cast
 
 import torch
 from torch import fx
@@ -164,7 +164,10 @@ def pattern_value(patterns: dict, key: str, default):
 
 
 def resolve_targets(
-    sites: list[LinearSite], config: Any, model: torch.nn.Module, defaults: dict[str, list[str]] = DEFAULT_LORA_TARGETS
+    sites: list[LinearSite],
+    config: Any,
+    model: torch.nn.Module,
+    defaults: Mapping[str, Union[list[str], str]] = DEFAULT_LORA_TARGETS,
 ) -> list[LinearSite]:
     """The sites an adapter adapts (one per key), or a TargetNotFoundError naming the nearest paths.
     `defaults`: the method's target modules by model type, for target_modules=None (PEFT's tables)."""
@@ -176,7 +179,7 @@ def resolve_targets(
                 f"target_modules is not set and peftfx has no default for model type {model_type!r}; "
                 "set target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
             )
-        targets = defaults[model_type]
+        targets = defaults[str(model_type)]
     head = output_head_path(model)
     modules_to_save = config.resolved_modules_to_save()
     chosen: dict[str, LinearSite] = {}

@@ -34,6 +34,9 @@ Guarantees and limits:
 - on a filesystem without symbolic links (Windows without developer mode, FAT) peftfx warns and replaces
   the files one by one, as PEFT does: each file is whole, but an interrupt can leave them mixed.
 Saved files get the usual permissions (0o666 & ~umask; folders 0o777 & ~umask).
+
+One file on its own (an adapter's files inside a save folder, an exported .pt2, a drawing, the demo's
+graph.py) is written with `atomic_write`: a temporary file beside it, flushed, then renamed over it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .errors import CheckpointError
 
@@ -311,15 +314,27 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """Write one file through a temporary file in the same folder, then rename: never a half-written file."""
+def atomic_write(path: str, content: Union[bytes, str, Callable[[str], Any]], *, sync: bool = True) -> str:
+    """Write one file whole or not at all; every single-file write of peftfx goes through here.
+
+    The file is written under a temporary name in the same folder, given the usual permissions
+    (0o666 & ~umask), flushed to disk (`sync`), and renamed over `path`: a reader sees the old file or
+    the new one, never half of one, and an error or interrupt leaves no temporary file behind.
+    `content` is bytes, text (written as UTF-8), or a writer called with the temporary path
+    (`torch.export.save`, safetensors' `save_file`, ...). The folder must exist. Returns `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
     try:
-        write(tmp)
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
         if os.path.isfile(tmp):  # after writing: writers such as safetensors recreate the file as 0600
             os.chmod(tmp, 0o666 & ~umask())
+            if sync:
+                fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):
@@ -328,6 +343,9 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
             else:
                 os.remove(tmp)
         raise
+    if sync:
+        fsync(folder)  # the rename itself reaches the disk
+    return path
 
 
 def local_pair(local: str, config_path: str, weights_names: tuple[str, ...]) -> Optional[tuple[str, str]]:

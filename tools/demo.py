@@ -6,13 +6,15 @@ Steps: build a tiny LlamaForCausalLM from a LlamaConfig, make a toy dataset (a r
 cycle, so the loss visibly drops), apply LoRA to q_proj/v_proj, train with AdamW, save the adapter,
 load it onto a fresh copy of the base model and check the logits are equal, write the rewritten
 graph's code to DIR/graph.py and draw it (DIR/graph.svg and DIR/graph.html; DIR/graph.dot when
-graphviz is not installed), export a merged .pt2 artifact and check it, then merge and unload.
+graphviz is not installed), export a merged .pt2 artifact (DIR/model.pt2) and check it, then merge
+and unload (DIR/merged/, saved with transformers). The last lines say what to open next.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import pathlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -21,6 +23,7 @@ import torch
 
 from peftfx.errors import DemoError
 from peftfx.rewrite.annotations import made_by
+from peftfx.save_store import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -147,9 +150,10 @@ def run_demo(
 
     log(f"[5/10] pm.save_pretrained({out!r})")
     pm.save_pretrained(out)
-    files = sorted(os.listdir(out))
+    files = [name for name in sorted(os.listdir(out)) if name.startswith("adapter_")]
     for name in files:
         log(f"      {os.path.join(out, name)}  ({os.path.getsize(os.path.join(out, name)):,d} bytes)")
+    log(f"      (they link into {os.path.join(out, '.peftfx')}/, which makes each save all-or-nothing)")
 
     log("[6/10] peftfx.load(fresh copy of the base model, out) and comparing logits")
     reloaded = peftfx.load(fresh_base, out)
@@ -168,13 +172,11 @@ def run_demo(
         f"[7/10] the LoRA pass inserted {lora_nodes} nodes into the graph "
         f"({len(sites)} sites; the graph has {len(gm.graph.nodes)} nodes in all)"
     )
-    graph_path = os.path.join(out, GRAPH_FILE)
-    with open(graph_path, "w", encoding="utf-8") as f:
-        f.write(
-            f"# pm.graph_module.code of the peftfx demo: the eval-mode graph with LoRA on {len(sites)} sites.\n"
-            f"# Nodes the LoRA pass inserted read their weights from self.peftfx_slots (bound to the adapter).\n"
-        )
-        f.write(gm.code)
+    graph_path = atomic_write(
+        os.path.join(out, GRAPH_FILE),
+        f"# pm.graph_module.code of the peftfx demo: the eval-mode graph with LoRA on {len(sites)} sites.\n"
+        f"# Nodes the LoRA pass inserted read their weights from self.peftfx_slots (bound to the adapter).\n" + gm.code,
+    )
     log(f"      wrote the rewritten graph's code (pm.graph_module.code) to {graph_path}")
 
     drawings = draw(pm, out, log)
@@ -212,6 +214,8 @@ def run_demo(
 
     seconds = time.perf_counter() - start
     log(f"done in {seconds:.1f} s")
+    for line in next_steps(out, drawings, artifact, merged_dir):
+        log(line)
     return DemoResult(
         losses[0],
         losses[-1],
@@ -228,6 +232,24 @@ def run_demo(
         artifact_diff,
         seconds,
     )
+
+
+def next_steps(out: str, drawings: list[str], artifact: str, merged_dir: str) -> list[str]:
+    """The demo's closing lines: what it wrote and what to open or run next, with paths."""
+    lines = ["", f"What to look at next (everything is in {out}{os.sep}):"]
+    html = next((p for p in drawings if p.endswith(".html")), None)
+    if html is not None:
+        url = pathlib.Path(os.path.abspath(html)).as_uri()
+        lines.append(f"  open {url}#search=q_proj in a browser: the graph, LoRA's nodes coloured, q_proj highlighted")
+    else:
+        lines.append(f"  {drawings[0]}: the graph in graphviz's format (install graphviz for graph.svg and graph.html)")
+    lines += [
+        f"  {os.path.join(out, GRAPH_FILE)}: the code of the rewritten graph that runs (pm.graph_module.code)",
+        f"  peftfx.load(model, {out!r}): the adapter again (HF PEFT's PeftModel.from_pretrained reads it too)",
+        f"  torch.export.load({artifact!r}).module()(input_ids=ids): the model without peftfx",
+        f"  transformers.AutoModelForCausalLM.from_pretrained({merged_dir!r}): the merged model, plain transformers",
+    ]
+    return lines
 
 
 def draw(pm, out: str, log: Callable[[str], None]) -> list[str]:

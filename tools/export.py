@@ -11,16 +11,15 @@ Two kinds of graph go out:
 
 With `aoti=True` the program is compiled ahead of time by AOTInductor into a package that
 `torch._inductor.aoti_load_package` loads. Files are written to a temporary name and renamed, so a
-failed export never leaves a partial artifact behind.
+failed export never leaves a partial artifact behind (peftfx.save_store.atomic_write). Each step logs on
+"peftfx.export" (peftfx.progress).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import sys
-import time
-from typing import Any, Callable, Optional, Sequence, cast
+from typing import Any, Optional, Sequence, cast
 
 import torch
 from torch import fx
@@ -30,6 +29,7 @@ from torch.utils import _pytree as pytree
 from peftfx.capture import export_dynamic
 from peftfx.errors import ExportError
 from peftfx.model import PeftFxModel
+from peftfx.progress import bar, get_logger, timed
 from peftfx.rewrite import MOUNT, QUANT_MOUNT
 from peftfx.rewrite.graph_inputs import keyword_inputs, placeholder, remove_keyword_input
 from peftfx.save_store import atomic_write
@@ -37,7 +37,7 @@ from peftfx.state import VariantSpec
 from peftfx.state.store import module_at
 
 ADAPTERS_SUFFIX = ".adapters"
-Progress = Callable[[str], None]
+log = get_logger("export")
 
 
 def export(
@@ -48,48 +48,47 @@ def export(
     aoti: bool = False,
     adapter_names: Optional[Sequence[str]] = None,
     example_inputs: Optional[dict[str, Any]] = None,
-    progress: Optional[Progress] = None,
 ) -> str:
     """Write `pm` (its active adapters, or `adapter_names`) as a torch.export artifact at `path`.
 
     `merged=True` folds the adapters into the artifact's weights; `merged=False` keeps them separate
     and also writes every same-layout adapter's tensors beside it. `aoti=True` writes an AOTInductor
     package instead of an ExportedProgram. Batch and sequence length stay dynamic. Returns `path`.
+    Each step logs on the "peftfx.export" logger (with its duration when it took seconds).
     """
-    say = progress or (lambda message: None)
-    _check_path(path)
+    check_path(path)
     adapters = _adapters(pm, adapter_names)
     example = _example(pm, example_inputs)
     gm, spec = _graph(pm, adapters, merged, example)
     # export binds a GraphModule's inputs in the order of its placeholders: give them in that order.
     # Constants (use_cache=False) were bound into the graph, so the artifact takes tensors only.
     example = {name: example[name] for name in keyword_inputs(gm)}
-    start = time.perf_counter()
-    say(f"exporting the {'merged' if merged else 'unmerged'} graph ({len(gm.graph.nodes)} nodes) with torch.export")
     capturer = pm.state.capturer
     axes = {n: capturer.axes_for(n, v) for n, v in example.items()}
-    program = export_dynamic(gm, example, axes, capturer.max_seq())
-    say(f"  exported in {time.perf_counter() - start:.1f} s")
+    kind = "merged" if merged else "unmerged"
+    with timed(log, f"exporting the {kind} graph ({len(gm.graph.nodes)} nodes) with torch.export"):
+        program = export_dynamic(gm, example, axes, capturer.max_seq())
     _keep_range_checks_only(program)
     if merged:
         _fold_adapters(pm, program, adapters)
     sidecars = adapter_tensors(pm, program, adapters[0]) if spec.lora else {}
-    start = time.perf_counter()
     if aoti:
-        say("compiling with AOTInductor (this takes a while)")
-        atomic_write(path, lambda tmp: torch._inductor.aoti_compile_and_package(program, package_path=tmp))
+        with timed(log, f"compiling {path} with AOTInductor (this takes minutes)"):
+            atomic_write(path, lambda tmp: torch._inductor.aoti_compile_and_package(program, package_path=tmp))
     else:
-        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
-    say(f"  wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+        with timed(log, f"saving {path}"):
+            atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    log.debug("wrote %s (%.1f MiB)", path, os.path.getsize(path) / 2**20)
     if sidecars:
-        _write_sidecars(path, sidecars, say)
+        _write_sidecars(path, sidecars)
     return path
 
 
 # -- what goes in ---------------------------------------------------------------------------------------
 
 
-def _check_path(path: str) -> None:
+def check_path(path: str) -> None:
+    """Refuse a path export cannot write (before anything is loaded or exported)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ExportError(f"cannot write {path}: the folder {folder} does not exist; create it first.")
@@ -207,16 +206,19 @@ def _fold_adapters(pm: PeftFxModel, program: torch.export.ExportedProgram, adapt
     names = _names_by_identity(program)
     weights = dict(pm.base_model.named_parameters(remove_duplicate=False))
     store = pm.adapters
+    todo = [
+        (adapter, site)
+        for adapter in adapters
+        if adapter not in pm.merged_adapters and store.method_of(adapter).can_merge  # else nothing to fold
+        for site in store.method_of(adapter).merge_sites(store, adapter)
+    ]
     with torch.no_grad():
-        for adapter in adapters:
+        for adapter, site in bar(todo, desc="Folding adapters into the artifact", logger=log):
             method = store.method_of(adapter)
-            if adapter in pm.merged_adapters or not method.can_merge:
-                continue  # already in the weights, or nothing to fold
-            for site in method.merge_sites(store, adapter):
-                name = names[id(weights[method.weight_path(site)])]
-                current = program.state_dict[name].detach()
-                merged = method.merge_weight(store, adapter, site, current, {})
-                program.state_dict[name] = torch.nn.Parameter(merged, requires_grad=False)
+            name = names[id(weights[method.weight_path(site)])]
+            current = program.state_dict[name].detach()
+            merged = method.merge_weight(store, adapter, site, current, {})
+            program.state_dict[name] = torch.nn.Parameter(merged, requires_grad=False)
 
 
 def adapter_tensors(pm: PeftFxModel, program: torch.export.ExportedProgram, exported: str) -> dict[str, dict]:
@@ -239,7 +241,7 @@ def adapter_tensors(pm: PeftFxModel, program: torch.export.ExportedProgram, expo
     }
 
 
-def _write_sidecars(path: str, sidecars: dict[str, dict], say: Progress) -> None:
+def _write_sidecars(path: str, sidecars: dict[str, dict]) -> None:
     from safetensors.torch import save_file
 
     folder = path + ADAPTERS_SUFFIX
@@ -247,7 +249,7 @@ def _write_sidecars(path: str, sidecars: dict[str, dict], say: Progress) -> None
     for adapter, tensors in sidecars.items():
         target = os.path.join(folder, f"{adapter}.safetensors")
         atomic_write(target, functools.partial(save_file, tensors))  # save_file(tensors, tmp)
-    say(f"  wrote {len(sidecars)} adapter weight file(s) for this artifact to {folder}/")
+    log.info("wrote %d adapter weight file(s) for this artifact to %s/", len(sidecars), folder)
 
 
 def load_adapter_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -261,10 +263,6 @@ def load_adapter_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor])
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor)
-
-
-def print_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 __all__ = ["export", "ExportError", "adapter_tensors", "load_adapter_into", "ADAPTERS_SUFFIX"]

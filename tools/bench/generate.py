@@ -1,4 +1,5 @@
-"""Generation tokens/s: peftfx's static-cache decode graph vs HF PEFT's generate, LoRA on a random Llama, CPU.
+"""Generation tokens/s: pm.generate (transformers' generate loop over peftfx's static-cache decode graph) vs
+HF PEFT's generate, LoRA on a random Llama, CPU.
 
 Run from the repository root:
 
@@ -149,7 +150,7 @@ def run_section(bench: Any) -> dict:
     """`run` with the main benchmark's threads; fewer tokens with --quick, no compiled rows with --quick or
     --no-compile."""
     args = bench.args
-    log("generate: greedy decoding, peftfx (static-cache decode graph, eager) vs PEFT's generate")
+    log("generate: greedy decoding, peftfx (transformers' generate over the static-cache decode graph) vs PEFT's")
     return run(
         quick=args.quick,
         threads=args.threads,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_command
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -17,13 +19,23 @@ def _positive_int(text: str) -> int:
 
 
 def add_parser(commands: "argparse._SubParsersAction") -> None:
-    from ..demo import DEFAULT_OUT, DEFAULT_STEPS
+    from ..demo import ARTIFACT_FILE, DEFAULT_OUT, DEFAULT_STEPS, GRAPH_FILE
 
-    demo = commands.add_parser(
+    demo = add_command(
+        commands,
         "demo",
-        help="LoRA on a tiny built-in Llama (CPU, no downloads): train, save, reload, show the graph",
-        description="Build a tiny Llama, apply LoRA to q_proj/v_proj, train a few steps, save the adapter, "
-        "reload it on a fresh base model, check the logits and write the graph's code to DIR/graph.py.",
+        summary="LoRA on a tiny built-in Llama (CPU, no downloads): train, save, reload, draw, export, merge",
+        description="Build a tiny Llama from a config, apply LoRA to q_proj/v_proj, train a few steps, save the "
+        "adapter, reload it on a fresh copy of the base model and check the logits, draw the rewritten graph, "
+        "export it as a .pt2 artifact and check that, then merge the adapter and unload the model. Runs on "
+        "CPU in well under a minute; nothing is downloaded."
+        "\n\n"
+        "Writes into DIR: adapter_config.json and adapter_model.safetensors (the adapter, in PEFT's format; "
+        f"they link into the hidden save store .peftfx/), {GRAPH_FILE} (the rewritten graph's code), graph.svg "
+        "and graph.html (drawings of the graph; graph.dot instead when graphviz is not installed), "
+        f"{ARTIFACT_FILE} (a torch.export artifact that runs without peftfx) and merged/ (the merged model, "
+        "saved with transformers). The last lines say what to open next.",
+        examples=["peftfx demo", f"peftfx demo --steps 10 --out /tmp/{DEFAULT_OUT}"],
     )
     demo.add_argument(
         "--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
@@ -32,7 +44,7 @@ def add_parser(commands: "argparse._SubParsersAction") -> None:
         "--out",
         default=DEFAULT_OUT,
         metavar="DIR",
-        help=f"folder for the adapter and graph.py (default ./{DEFAULT_OUT})",
+        help=f"folder for everything the demo writes (default ./{DEFAULT_OUT})",
     )
     demo.set_defaults(func=run)
 

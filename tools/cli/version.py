@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_command
+
 
 def add_parser(commands: "argparse._SubParsersAction") -> None:
-    version = commands.add_parser("version", help="print the versions of peftfx, torch and transformers")
+    version = add_command(
+        commands,
+        "version",
+        summary="print the versions of peftfx, torch and transformers",
+        description="Print the versions of peftfx, torch and transformers (for bug reports).",
+        examples=["peftfx version"],
+    )
     version.set_defaults(func=run)
 
 

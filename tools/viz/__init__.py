@@ -12,12 +12,13 @@ redraws the pictures in docs/visualizer.md. `peftfx viz` is in peftfx.tools.cli.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Optional
 
 from torch import fx
 
 from peftfx.errors import ConfigError
+from peftfx.progress import get_logger, timed
+from peftfx.save_store import atomic_write
 
 from .dot import render, to_dot
 from .graph import diff_graphs, read_graph
@@ -26,6 +27,7 @@ from .source import graphs, summaries
 from .view import build_view
 
 FORMATS = ("svg", "png", "pdf", "dot", "html")
+log = get_logger("viz")
 
 
 def visualize(
@@ -50,12 +52,7 @@ def visualize(
         queries (sym_size).
     dpi: resolution of .png output.
     """
-    fmt = os.path.splitext(str(path))[1].lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise ConfigError(
-            f"cannot tell the format of {str(path)!r}; end the file name with one of "
-            f"{', '.join('.' + f for f in FORMATS)}."
-        )
+    fmt = output_format(path)
     adapted_gm, base_gm = graphs(model, diff, base)
     adapted = read_graph(adapted_gm, details)
     panel = summaries(model, adapted_gm, adapted)
@@ -65,12 +62,26 @@ def visualize(
     dot = to_dot(view, title)
     if fmt == "dot":
         data = dot.source.encode()
-    elif fmt == "html":
-        data = page(render(dot, "svg").decode(), view, panel, title).encode()
     else:
-        data = render(dot, fmt, dpi=dpi if fmt == "png" else None)
-    write_atomic(str(path), data)
-    return str(path)
+        with timed(log, f"laying out {path} with graphviz dot"):  # seconds for a large model's graph
+            if fmt == "html":
+                data = page(render(dot, "svg").decode(), view, panel, title).encode()
+            else:
+                data = render(dot, fmt, dpi=dpi if fmt == "png" else None)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return atomic_write(str(path), data)
+
+
+def output_format(path: str) -> str:
+    """The format a drawing at `path` gets, from its extension; ConfigError for one it cannot write
+    (checked before anything is loaded or captured)."""
+    fmt = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ConfigError(
+            f"cannot tell the format of {str(path)!r}; end the file name with one of "
+            f"{', '.join('.' + f for f in FORMATS)}."
+        )
+    return fmt
 
 
 def _default_title(model: Any, diff: bool) -> str:
@@ -79,21 +90,3 @@ def _default_title(model: Any, diff: bool) -> str:
     active = getattr(model, "active_adapters", None)
     text = name + (f" · adapters: {', '.join(active)}" if active else "")
     return text + (" · diff against the base graph" if diff else "")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".viz-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -1,25 +1,32 @@
-"""Generation for decoder LMs: one decode graph with a static KV cache, run by a plain Python loop.
+"""Generation for decoder LMs: transformers' `generate` driving one decode graph with a static KV cache.
 
 The decode graph is the model wrapped in `DecodeStep`, captured once with torch.export: it takes T new
 tokens (T = prompt length for the prefill, 1 afterwards), a 2-D attention mask over the whole cache, the
 tokens' positions, how many cache entries are filled, and per layer a key and a value cache tensor
 `[batch, kv heads, cache length, head dim]` that it writes in place (export keeps these as input
-mutations). Batch, T and the cache length are dynamic dims, so every prompt size, batch size and
-`max_new_tokens` reuse the same capture.
+mutations). Batch, T and the cache length are dynamic dims, so every prompt size, batch size (beams
+included) and `max_new_tokens` reuse the same capture.
 
 The capture is a `Capture` like a forward one, so the state manager turns it into variants with the
 same pass pipeline: LoRA paths and slot banks (switching adapters is a lookup), merged adapters (the
-base graph over merged weights), disabled adapters (the base graph). Prompt and prefix tuning need no
-graph rewrite here: their virtual tokens live in the cache. Prompt tuning feeds `inputs_embeds` with the
-learned rows in front for the prefill; prefix tuning writes its keys and values into the first P cache
-entries before the prefill. Positions and masks follow HF PEFT's `generate` exactly (see `_Plan`).
+base graph over merged weights), disabled adapters (the base graph), mixed batches. Prompt and prefix
+tuning need no graph rewrite here: their virtual tokens live in the cache. Prompt tuning feeds
+`inputs_embeds` with the learned rows in front for the prefill; prefix tuning writes its keys and
+values into the first P cache entries before the prefill. Positions and masks follow HF PEFT's
+`generate` exactly (see `_Plan`).
+
+The loop is transformers' own: `generate` hands a `DecodeStepper` (peftfx/generate_hf.py) to
+`GenerationMixin.generate`, so every generation feature (beam search, sampling, logits processors,
+stopping criteria, streamers, generation_config, return_dict_in_generate) is transformers' code; this
+module decides which variant runs and what the cache starts with (`Feed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from typing import Any, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -27,26 +34,33 @@ from torch.export import Dim
 
 from .capture import MAX_BATCH, Capture, Signature, module_mode
 from .errors import CaptureError, ConfigError
+from .generate_hf import DecodeCache, DecodeStepper, Feed, Run
+from .progress import get_logger, timed
 from .state.variants import VariantSpec
 from .virtual_tokens import input_embeddings
+
+log = get_logger("generate")
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
 
 DECODE_MARK = "peftfx-decode"  # marks decode captures among a Capturer's forward captures
 WRAPPER_PREFIX = "model"  # DecodeStep's attribute holding the user's model
 SOURCES = ("input_ids", "inputs_embeds")
-SUPPORTED = (
-    "input_ids",
-    "attention_mask",
-    "max_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "eos_token_id",
-    "pad_token_id",
-    "generator",
-    "seed",
-    "adapter_names",
-)
+# Arguments transformers' generate has no use for here, with what to do instead.
+REFUSED = {
+    "generator": "sampling draws from torch's global RNG as in transformers; pass seed=N or call torch.manual_seed",
+}
+
+
+@contextlib.contextmanager
+def keep_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without moving torch's global RNG (CPU and the device's): capturing and building
+    variants must not change what a seeded sampling call draws."""
+    cuda = device.type == "cuda"
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 class DecodeStep(nn.Module):
@@ -154,7 +168,7 @@ def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> None:
 def decode_capture(pm: Any, source: str) -> Capture:
     """The decode graph of `pm`'s model taking `source` (token ids or embeddings), captured once and
     kept with the forward captures (so `.to()` and quantization drop it like them)."""
-    model = pm.base_model
+    model = pm.get_base_model()
     weight = cast(torch.Tensor, input_embeddings(model).weight)
     device = weight.device
     signature = Signature(((DECODE_MARK, source, str(_cache_dtype(model)), str(device)),), training=False)
@@ -186,7 +200,8 @@ def decode_capture(pm: Any, source: str) -> Capture:
         values=list(per_layer),
     )
     try:
-        with module_mode(model, False):
+        what = f"capturing the decode step of {type(model).__name__} with torch.export"
+        with module_mode(model, False), keep_rng(device), timed(log, what):
             program = torch.export.export(DecodeStep(model, source), (), example, dynamic_shapes=shapes, strict=False)
     except CaptureError:
         raise
@@ -233,216 +248,100 @@ def _plan(pm: Any) -> tuple[_Plan, Optional[VariantSpec]]:
     return _Plan(**fields), VariantSpec(saved=saved, training=False)
 
 
-# -- choosing the next token ----------------------------------------------------------------------------
+# -- the entry point ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """transformers' sampling warpers, in its order: temperature, then top-k, then top-p."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: float = 1.0
-
-    def check(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise ConfigError(
-                f"temperature={self.temperature} must be > 0 when sampling; use do_sample=False for greedy decoding."
-            )
-        if self.top_k is not None and self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} must be a positive integer (0 or None: no top-k filter).")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1].")
-
-    def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores to sample from: temperature, top-k and top-p applied; removed tokens are -inf."""
-        scores = logits / self.temperature
-        if self.top_k and self.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cumulative <= (1 - self.top_p)
-            drop[..., -1:] = False  # keep at least one token
-            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        return scores
-
-    def choose(self, logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Next token per row from the last position's logits [B, vocab] (float32)."""
-        if not self.do_sample:
-            return logits.argmax(-1)
-        probs = self.warp(logits).softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def _generation_default(model: nn.Module, name: str, value: Any) -> Any:
-    if value is not None:
-        return value
-    return getattr(getattr(model, "generation_config", None), name, None)
-
-
-def _token_list(value: Union[None, int, Sequence[int], torch.Tensor]) -> Optional[list[int]]:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
-
-
-# -- the loop ---------------------------------------------------------------------------------------------
-
-
-def generate(
-    pm: Any,
-    input_ids: Optional[torch.Tensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    max_new_tokens: Optional[int] = None,
-    do_sample: Optional[bool] = None,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
-    adapter_names: Optional[Sequence[str]] = None,
-    **unsupported: Any,
-) -> torch.Tensor:
-    """Prompt ids [B, L] (left-padded, with their mask) -> ids [B, L + new], as transformers' generate
-    returns them: rows that hit an eos continue with pad, and the loop stops when all rows have.
-    Runs the active adapters in eval mode (no dropout). `generator` or `seed` makes sampling reproducible.
-    `adapter_names` (one LoRA adapter name or "__base__" per row) decodes a mixed batch, as in PEFT."""
-    if unsupported:
-        raise ConfigError(f"generate does not support {sorted(unsupported)}; supported arguments: {list(SUPPORTED)}.")
-    if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ConfigError("generate needs input_ids, a [batch, length] tensor of token ids with length >= 1.")
+def generate(pm: Any, *args: Any, **kwargs: Any) -> Union[torch.Tensor, "ModelOutput"]:
+    """transformers' `generate` over the active adapters' decode graph: every argument of
+    `GenerationMixin.generate` (greedy, sampling, beam search, logits processors, stopping criteria,
+    streamers, generation_config, return_dict_in_generate, inputs_embeds, ...), and what it returns
+    (a tensor, or a GenerateOutput). Extra arguments: PEFT's `adapter_names` (one adapter name or
+    "__base__" per row, a mixed batch) and `seed` (sampling as after `torch.manual_seed(seed)`, without
+    changing the global RNG). Runs the eval graph (no dropout)."""
+    for name, instead in REFUSED.items():
+        if name in kwargs:
+            raise ConfigError(f"generate does not take {name}=: {instead}.")
     if pm.quant is not None:
         raise ConfigError("generate on a quantized base is not supported yet; merge_and_unload() first.")
-    model = pm.base_model
-    config = getattr(model, "generation_config", None)
-    eos = _token_list(_generation_default(model, "eos_token_id", eos_token_id))
-    pad = _generation_default(model, "pad_token_id", pad_token_id)
-    if pad is None and eos:
-        pad = eos[0]  # as transformers does
-    temperature = _generation_default(model, "temperature", temperature)
-    top_p = _generation_default(model, "top_p", top_p)
-    sampling = Sampling(
-        do_sample=bool(_generation_default(model, "do_sample", do_sample)),
-        temperature=1.0 if temperature is None else float(temperature),
-        top_k=_generation_default(model, "top_k", top_k),
-        top_p=1.0 if top_p is None else float(top_p),
-    )
-    sampling.check()
-    if seed is not None and generator is None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    if max_new_tokens is None:
-        max_new_tokens = getattr(config, "max_new_tokens", None)
-        if max_new_tokens is None:
-            max_new_tokens = max(0, (getattr(config, "max_length", None) or 20) - input_ids.shape[1])
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0.")
-    if attention_mask is None:
-        attention_mask = _default_mask(input_ids, pad, eos)
-    if attention_mask.shape != input_ids.shape:
+    seed = kwargs.pop("seed", None)
+    adapter_names = kwargs.pop("adapter_names", None)
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if isinstance(ids, torch.Tensor) and (ids.dim() != 2 or ids.dtype.is_floating_point):
         raise ConfigError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
-            f"{tuple(input_ids.shape)}; give a 2-D mask of the same shape (1 = token, 0 = padding)."
+            f"generate needs input_ids as a [batch, length] tensor of token ids; got shape {tuple(ids.shape)} "
+            f"({ids.dtype}). Prompt embeddings go in inputs_embeds."
         )
-    if max_new_tokens == 0:
-        return input_ids
-    with torch.no_grad():
-        return _decode(
-            pm, input_ids, attention_mask.long(), max_new_tokens, sampling, eos, pad, generator, adapter_names
+    mask = kwargs.get("attention_mask")
+    if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+        raise ConfigError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; give a 2-D mask "
+            "of the same shape (1 = token, 0 = padding)."
         )
+    model = pm.get_base_model()
+    stepper = DecodeStepper(model, _feed(pm, adapter_names), getattr(pm, "generation_config", None))
+    run = cast(Any, stepper).generate  # GenerationMixin.generate (transformers is untyped here)
+    if seed is None:
+        return run(*args, **kwargs)
+    with keep_rng(stepper.device):
+        torch.manual_seed(seed)
+        return run(*args, **kwargs)
 
 
-def _default_mask(input_ids: torch.Tensor, pad: Optional[int], eos: Optional[list[int]]) -> torch.Tensor:
-    """transformers' inference: mask out pad tokens when pad is set, present and not an eos token."""
-    if pad is not None and bool((input_ids == pad).any()) and (not eos or pad not in eos):
-        return input_ids.ne(pad).long()
-    return torch.ones_like(input_ids)
-
-
-def _step_function(
-    pm: Any, capture: Capture, spec: Optional[VariantSpec], ids: torch.Tensor, adapter_names: Optional[Sequence[str]]
-):
-    """The decode variant to run: the active adapters' (as a forward call picks it), the prompt-learning
-    adapter's, or a mixed batch's with its per-row adapter index bound."""
+def _feed(pm: Any, adapter_names: Optional[Sequence[str]]) -> Feed:
+    """The peftfx side of one call: the plan of the active adapters, how to make the cache, and the
+    decode variants (made when transformers has sized the batch: beams repeat rows)."""
+    plan, spec = _plan(pm)
+    model = pm.get_base_model()
+    device = cast(torch.Tensor, input_embeddings(model).weight).device
     if adapter_names is not None:
         if spec is not None:
             raise ConfigError(
                 "adapter_names (mixed batches) does not work with prompt-learning adapters "
                 "(as in PEFT); use LoRA, DoRA or IA3 adapters."
             )
-        return pm.state.mixed_runner(capture, adapter_names, {"input_ids": ids}, training=False)
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ConfigError("adapter_names takes a list with one adapter name (or '__base__') per row.")
+        adapter_names = list(adapter_names)
+
+    def runs(source: str, rows: int, groups: int) -> Run:
+        names = None
+        if adapter_names is not None:
+            if len(adapter_names) * groups != rows:
+                raise ConfigError(
+                    f"adapter_names has {len(adapter_names)} entries but the batch has {rows // groups} rows."
+                )
+            names = [n for n in adapter_names for _ in range(groups)]  # beams / return sequences repeat rows
+        with keep_rng(device):
+            return _step_function(pm, decode_capture(pm, source), spec, rows, names)
+
+    def new_cache(rows: int, entries: int) -> DecodeCache:
+        keys, values = _empty_cache(model, rows, entries, device)
+        if plan.prefix is not None:  # prefix keys and values: [P, kv heads, d] -> cache entries 0..P-1
+            p = plan.virtual
+            for layer in range(len(keys)):
+                keys[layer][:, :, :p] = plan.prefix[:, 2 * layer].transpose(0, 1).to(keys[layer].dtype)
+                values[layer][:, :, :p] = plan.prefix[:, 2 * layer + 1].transpose(0, 1).to(values[layer].dtype)
+        return DecodeCache(keys, values, plan.virtual, prefilled=plan.prefix is not None)
+
+    return Feed(
+        runs=runs,
+        new_cache=new_cache,
+        embed=input_embeddings(model),
+        virtual=plan.virtual,
+        step_source=plan.source,
+        prompt=plan.prompt,
+        cache_positions=plan.cache_positions,
+    )
+
+
+def _step_function(
+    pm: Any, capture: Capture, spec: Optional[VariantSpec], rows: int, adapter_names: Optional[Sequence[str]]
+) -> Run:
+    """The decode variant to run: the active adapters' (as a forward call picks it), the prompt-learning
+    adapter's, or a mixed batch's with its per-row adapter index bound."""
+    if adapter_names is not None:
+        placeholder = torch.empty(rows, 0)  # mixed_runner reads the batch size from the call's inputs
+        return pm.state.mixed_runner(capture, adapter_names, {"input_ids": placeholder}, training=False)
     if spec is None and not pm.state.disabled:
         pm.state.before_run(pm.state.bound_adapters(), training=False)
-    return pm.state.variant(capture, spec)[1]
-
-
-def _decode(
-    pm: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    new: int,
-    sampling: Sampling,
-    eos: Optional[list[int]],
-    pad: Optional[int],
-    generator: Optional[torch.Generator],
-    adapter_names: Optional[Sequence[str]] = None,
-) -> torch.Tensor:
-    plan, spec = _plan(pm)
-    capture = decode_capture(pm, plan.source)
-    run = _step_function(pm, capture, spec, ids, adapter_names)
-    batch, length = ids.shape
-    p = plan.virtual
-    size = p + length + new
-    keys, values = _empty_cache(pm.base_model, batch, size, ids.device)
-    full_mask = torch.zeros(batch, size, dtype=torch.long, device=ids.device)
-    full_mask[:, :p] = 1
-    full_mask[:, p : p + length] = mask
-    filled = 0
-    if plan.prefix is not None:
-        for layer in range(len(keys)):  # prefix keys and values: [P, kv heads, d] -> cache entries 0..P-1
-            keys[layer][:, :, :p] = plan.prefix[:, 2 * layer].transpose(0, 1).to(keys[layer].dtype)
-            values[layer][:, :, :p] = plan.prefix[:, 2 * layer + 1].transpose(0, 1).to(values[layer].dtype)
-        filled = p
-    if plan.cache_positions:
-        positions = torch.arange(p + length, device=ids.device).expand(batch, -1)
-    else:
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + p
-    if plan.prompt is not None:
-        embed = input_embeddings(pm.base_model)
-        words = embed(ids)
-        tokens = torch.cat([plan.prompt.to(words.dtype).expand(batch, -1, -1), words], 1)
-    else:
-        tokens = ids
-    eos_t = torch.tensor(eos, device=ids.device) if eos else None
-    unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
-    out = [ids]
-    for step in range(new):
-        logits = run(
-            tokens=tokens,
-            attention_mask=full_mask,
-            position_ids=positions,
-            cache_length=torch.tensor(filled, device=ids.device),
-            keys=keys,
-            values=values,
-        )
-        filled += tokens.shape[1]
-        chosen = sampling.choose(logits.float(), generator)
-        if eos_t is not None and pad is not None:
-            chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
-        out.append(chosen[:, None])
-        if eos_t is not None:
-            unfinished &= ~torch.isin(chosen, eos_t)
-            if not bool(unfinished.any()):
-                break
-        if step == new - 1:
-            break
-        full_mask[:, filled] = 1
-        positions = positions[:, -1:] + 1
-        tokens = embed(chosen[:, None]) if plan.prompt is not None else chosen[:, None]
-    return torch.cat(out, 1)
+    return cast(Run, pm.state.variant(capture, spec)[1])

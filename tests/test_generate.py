@@ -1,17 +1,23 @@
-"""pm.generate: the static-cache decode graph with LoRA (unmerged, switched, merged, disabled), prompt and
-prefix tuning; greedy tokens must equal HF PEFT's generate for the same adapter weights, on one prompt and
-on a left-padded batch, with eos/pad handling. Sampling is checked against transformers' own warpers."""
+"""pm.generate: transformers' GenerationMixin.generate driving the static-cache decode graph. Tokens must equal
+HF PEFT's generate for the same adapter weights: LoRA (unmerged, switched, merged, disabled, DoRA, mixed
+adapter_names) on Llama and GPT-2, prompt and prefix tuning; greedy, sampling under torch.manual_seed, beam
+search, logits processors, stopping criteria, streamers, generation_config, max_length, min_new_tokens,
+repetition_penalty, return_dict_in_generate, num_return_sequences, inputs_embeds, and the text-generation
+pipeline with beams."""
 from __future__ import annotations
 
 import peft
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+import transformers
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 import peftfx
 from conftest import CONFIGS, batch, perturb_trainable
 from oracle import twin_models
-from peftfx.generate import DECODE_MARK, Sampling
+from peftfx.generate import DECODE_MARK
+from peftfx.generate_hf import DecodeCache
 from peftfx.rewrite import made_by
 
 NEW = 8
@@ -31,10 +37,24 @@ def _loader(model_dirs):
     return lambda name: CONFIGS[name][0].from_pretrained(model_dirs[name]).eval()
 
 
+def _lengths(kw):
+    """NEW new tokens unless the call sets its length another way."""
+    return {} if {"max_length", "generation_config"} & set(kw) else {"max_new_tokens": NEW}
+
+
 def _peft_generate(ref, **kw):
-    kw = {"max_new_tokens": NEW, **kw}
+    kw = {**_lengths(kw), "do_sample": False, **kw}
     with torch.no_grad():
-        return ref.generate(**kw, do_sample=False)
+        return ref.generate(**kw)
+
+
+def _both(ref, pm, **kw):
+    """(peftfx's, PEFT's) result of the same generate call; sampling draws after the same manual seed."""
+    kw = {**_lengths(kw), **kw}
+    torch.manual_seed(5)
+    got = pm.generate(**kw)
+    torch.manual_seed(5)
+    return got, _peft_generate(ref, **kw)
 
 
 def _decode_captures(pm) -> int:
@@ -46,6 +66,8 @@ def lora_twins(request, model_dirs, tmp_path_factory):
     name = request.param
     configs = {"default": dict(r=4, lora_alpha=8, target_modules=TARGETS[name]),
                "b": dict(r=4, lora_alpha=16, target_modules=TARGETS[name])}
+    if name == "llama":  # DoRA's eval constants come from before_run, as in the forward
+        configs["d"] = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
     ref, pm = twin_models(_loader(model_dirs), name, configs, tmp_path_factory.mktemp(f"gen-{name}"))
     return name, ref, pm
 
@@ -69,7 +91,7 @@ def test_lora_greedy_matches_peft(lora_twins):
     assert any(made_by(n, "lora.linear") for n in gm.graph.nodes)
 
 
-def test_lora_switch_disable_merge_match_peft(lora_twins):
+def test_lora_switch_disable_merge_dora_match_peft(lora_twins):
     name, ref, pm = lora_twins
     padded = batch(2, 9, seed=3)
     ref.set_adapter("b"), pm.set_adapter("b")
@@ -80,14 +102,24 @@ def test_lora_switch_disable_merge_match_peft(lora_twins):
     pm.merge_adapter()
     try:
         assert torch.equal(pm.generate(**padded, max_new_tokens=NEW), _peft_generate(ref, **padded))
+        got, want = _both(ref, pm, **padded, num_beams=3)  # beams over merged weights
+        assert torch.equal(got, want)
     finally:
         pm.unmerge_adapter()
-    assert _decode_captures(pm) == 1  # every batch size, prompt length and state used one capture
+    if name == "llama":
+        ref.set_adapter("d"), pm.set_adapter("d")
+        try:
+            for kw in ({}, {"num_beams": 2}):
+                got, want = _both(ref, pm, **padded, **kw)
+                assert torch.equal(got, want), kw
+        finally:
+            ref.set_adapter("default"), pm.set_adapter("default")
+    assert _decode_captures(pm) == 1  # every batch size, beam count, prompt length and state used one capture
 
 
 def test_mixed_adapter_batch_matches_peft(lora_twins):
     """adapter_names: one decode graph serves rows of different adapters (and the base), as PEFT's
-    generate(adapter_names=...) does."""
+    generate(adapter_names=...) does, beams included (each row's beams keep its adapter)."""
     name, ref, pm = lora_twins
     ref.set_adapter("default"), pm.set_adapter("default")
     padded = batch(3, 7, seed=4)
@@ -95,8 +127,10 @@ def test_mixed_adapter_batch_matches_peft(lora_twins):
     got = pm.generate(**padded, max_new_tokens=NEW, adapter_names=names)
     assert torch.equal(got, _peft_generate(ref, **padded, adapter_names=names))
     assert not torch.equal(got, pm.generate(**padded, max_new_tokens=NEW))  # the rows really differ
-    with pytest.raises(peftfx.ConfigError, match="adapter_names has 2 entries"):
-        pm.generate(**padded, adapter_names=["b", "default"])
+    got, want = _both(ref, pm, **padded, adapter_names=names, num_beams=2)
+    assert torch.equal(got, want)
+    with pytest.raises(peftfx.ConfigError, match="adapter_names has 2 entries but the batch has 3 rows"):
+        pm.generate(**padded, adapter_names=["b", "default"], num_beams=2)
     with pytest.raises(peftfx.ConfigError, match="unknown adapter"):
         pm.generate(**padded, adapter_names=["b", "nope", "default"])
 
@@ -115,44 +149,138 @@ def test_eos_rows_continue_with_pad_and_stop(lora_twins):
     first = sorted({int(t) for t in free[:, 7]})
     got = pm.generate(**padded, max_new_tokens=NEW, eos_token_id=first, pad_token_id=0)
     assert got.shape == (3, 8) and torch.equal(got, _peft_generate(ref, **padded, eos_token_id=first))
+    # min_new_tokens holds eos back; beams finish at eos
+    for kw in ({"min_new_tokens": 5}, {"num_beams": 3, "num_return_sequences": 2}):
+        got, want = _both(ref, pm, **padded, eos_token_id=eos, pad_token_id=0, **kw)
+        assert torch.equal(got, want), kw
 
 
-def test_sampling_reduces_to_greedy_and_is_reproducible(lora_twins):
+def test_sampling_draws_as_peft_under_the_same_seed(lora_twins):
+    """transformers' sampling (its warpers, torch.multinomial on the global RNG): with the same manual seed
+    peftfx and PEFT draw the same tokens; seed= is that seed without moving the caller's RNG."""
     name, ref, pm = lora_twins
-    pm.set_adapter("default")
+    ref.set_adapter("default"), pm.set_adapter("default")
     padded = batch(3, 7)
-    greedy = pm.generate(**padded, max_new_tokens=NEW, eos_token_id=[])
-    for options in (dict(top_k=1), dict(temperature=1e-4), dict(top_p=1e-6)):
-        got = pm.generate(**padded, max_new_tokens=NEW, do_sample=True, seed=11, eos_token_id=[], **options)
-        assert torch.equal(got, greedy), options
-    sampled = [pm.generate(**padded, max_new_tokens=NEW, do_sample=True, temperature=5.0, eos_token_id=[],
-                           generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
-    assert torch.equal(sampled[0], sampled[1])
-    assert not torch.equal(sampled[0], sampled[2])
-    assert torch.equal(sampled[0], pm.generate(**padded, max_new_tokens=NEW, do_sample=True, temperature=5.0,
-                                               eos_token_id=[], seed=1))
+    options = [dict(temperature=3.0), dict(temperature=2.0, top_k=10, top_p=0.9),
+               dict(num_return_sequences=2, temperature=2.0), dict(num_beams=2, temperature=2.0)]
+    for kw in options:
+        got, want = _both(ref, pm, **padded, do_sample=True, **kw)
+        assert torch.equal(got, want), kw
+    kw = dict(**padded, max_new_tokens=NEW, do_sample=True, temperature=3.0)
+    torch.manual_seed(11)
+    seeded = pm.generate(**kw)
+    state = torch.get_rng_state()
+    assert torch.equal(pm.generate(**kw, seed=11), seeded)
+    assert torch.equal(torch.get_rng_state(), state)  # seed= left the global RNG alone
+    assert not torch.equal(pm.generate(**kw, seed=12), seeded)
+    with pytest.raises(peftfx.ConfigError, match="seed="):
+        pm.generate(**kw, generator=torch.Generator())
 
 
-def test_sampling_warpers_match_transformers():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 50, generator=g) * 3
-    ids = torch.zeros(4, 1, dtype=torch.long)
-    for temperature, top_k, top_p in ((0.7, 10, 0.9), (1.3, None, 0.5), (1.0, 5, 1.0), (0.5, 0, 0.3)):
-        want = logits.clone()
-        if temperature != 1.0:
-            want = TemperatureLogitsWarper(temperature)(ids, want)
-        if top_k:
-            want = TopKLogitsWarper(top_k)(ids, want)
-        if top_p < 1.0:
-            want = TopPLogitsWarper(top_p)(ids, want)
-        got = Sampling(True, temperature, top_k, top_p).warp(logits)
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
+class _BanToken(LogitsProcessor):
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token] = -float("inf")
+        return scores
+
+
+class _StopAtLength(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_generation_features_match_peft(lora_twins):
+    """Logits processors, stopping criteria, a streamer, generation_config, max_length, repetition and
+    n-gram penalties, and return_dict_in_generate with scores and logits: all transformers' own code."""
+    name, ref, pm = lora_twins
+    ref.set_adapter("default"), pm.set_adapter("default")
+    padded = batch(2, 6, seed=8)
+    greedy = pm.generate(**padded, max_new_tokens=NEW)
+    banned = int(greedy[1, 6])
+    cases = [
+        dict(logits_processor=LogitsProcessorList([_BanToken(banned)])),
+        dict(stopping_criteria=StoppingCriteriaList([_StopAtLength(6 + 3)])),
+        dict(repetition_penalty=1.5, no_repeat_ngram_size=2),
+        dict(max_length=6 + 4),
+        dict(generation_config=GenerationConfig(max_new_tokens=5, num_beams=2, repetition_penalty=1.3,
+                                                pad_token_id=0, eos_token_id=2)),
+    ]
+    for kw in cases:
+        got, want = _both(ref, pm, **padded, **kw)
+        assert torch.equal(got, want), kw
+    assert int(_both(ref, pm, **padded, **cases[0])[0][1, 6]) != banned  # the processor really ran
+    assert _both(ref, pm, **padded, **cases[1])[0].shape[1] == 6 + 3
+    for beams in (1, 3):
+        kw = dict(**padded, return_dict_in_generate=True, output_scores=True, output_logits=True, num_beams=beams)
+        got, want = _both(ref, pm, **kw)
+        assert torch.equal(got.sequences, want.sequences)
+        assert type(got) is type(want) and isinstance(got.past_key_values, DecodeCache)
+        for ours, theirs in zip(got.scores + got.logits, want.scores + want.logits):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        if beams > 1:
+            torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-4, rtol=1e-4)
+            assert torch.equal(got.beam_indices, want.beam_indices)
+    streamers = _Collect(), _Collect()
+    one = padded["input_ids"][1:]
+    for model, streamer in zip((pm, ref), streamers):
+        out = model.generate(one, max_new_tokens=NEW, do_sample=False, streamer=streamer)
+        assert streamer.ended and torch.equal(torch.cat([p.reshape(1, -1) for p in streamer.puts], 1), out)
+    assert all(torch.equal(a, b) for a, b in zip(*(s.puts for s in streamers)))
+
+
+def test_inputs_embeds_match_peft(lora_twins):
+    """A prompt given as embeddings: the prefill runs the embeddings capture, later steps the token one."""
+    name, ref, pm = lora_twins
+    if name != "gpt2":
+        pytest.skip("one model is enough: the path is model-independent (GPT-2's capture is the cheaper one)")
+    ref.set_adapter("default"), pm.set_adapter("default")
+    padded = batch(3, 7, seed=9)
+    embeds = pm.get_input_embeddings()(padded["input_ids"]).detach()
+    kw = dict(inputs_embeds=embeds, attention_mask=padded["attention_mask"])
+    for extra in ({}, {"num_beams": 2}, {"input_ids": padded["input_ids"]}):
+        got, want = _both(ref, pm, **kw, **extra)
+        assert torch.equal(got, want), extra
+    assert torch.equal(got, pm.generate(**padded, max_new_tokens=NEW))  # same tokens as from the ids
+
+
+def test_text_generation_pipeline_with_beams(lora_twins, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    name, ref, pm = lora_twins
+    ref.set_adapter("default"), pm.set_adapter("default")
+    words = [chr(97 + i // 26) + chr(97 + i % 26) for i in range(CONFIGS[name][1]().vocab_size)]  # aa, ab, ...
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="ab"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="ab", pad_token="aa")
+    prompt = "af br cx bj"
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
+    got = transformers.pipeline("text-generation", model=pm, tokenizer=tokenizer)(prompt, **kw)
+    want = transformers.pipeline("text-generation", model=ref, tokenizer=tokenizer)(prompt, **kw)
+    assert len(got) == 2 and got == want
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ours = transformers.pipeline("text-generation", model=pm, tokenizer=tokenizer)(prompt, return_tensors=True, **kw)
+    assert [o["generated_token_ids"] for o in ours] == pm.generate(ids, **kw).tolist()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_prompt_learning_greedy_matches_peft(name, kind, load_model, tmp_path):
+def test_prompt_learning_matches_peft(name, kind, load_model, tmp_path):
     cls = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
     ref = peft.get_peft_model(load_model(name), cls(task_type="CAUSAL_LM", num_virtual_tokens=4))
     perturb_trainable(ref, scale=1.0)
@@ -163,22 +291,36 @@ def test_prompt_learning_greedy_matches_peft(name, kind, load_model, tmp_path):
     assert torch.equal(got, _peft_generate(ref, **padded))
     one = padded["input_ids"][2:3]
     assert torch.equal(pm.generate(one, max_new_tokens=NEW), _peft_generate(ref, input_ids=one))
-    with pm.disable_adapter():  # the virtual tokens really change the tokens
-        assert not torch.equal(pm.generate(**padded, max_new_tokens=NEW), got)
+    cases = [{"num_beams": 3}]
+    if name == "gpt2":  # one model is enough for sampling: the draws do not depend on the architecture
+        cases.append({"do_sample": True, "temperature": 2.0, "num_return_sequences": 2})
+    for kw in cases:
+        ours, theirs = _both(ref, pm, **padded, **kw)
+        assert torch.equal(ours, theirs), kw
+    with torch.no_grad():  # the virtual tokens really change the tokens (the base model alone differs)
+        assert not torch.equal(load_model(name).generate(**padded, max_new_tokens=NEW, do_sample=False), got)
+    if kind == "prompt":
+        with pytest.raises(peftfx.ConfigError, match="inputs_embeds"):
+            pm.generate(inputs_embeds=torch.zeros(1, 3, pm.config.hidden_size))
+    with pytest.raises(peftfx.ConfigError, match="prompt-learning"):
+        pm.generate(**padded, adapter_names=["default"] * 3)
 
 
 def test_bad_arguments_raise_clear_errors(lora_twins):
     _, _, pm = lora_twins
     ids = batch(2, 5)["input_ids"]
-    with pytest.raises(peftfx.ConfigError, match="num_beams"):
-        pm.generate(ids, num_beams=4)
     with pytest.raises(peftfx.ConfigError, match="attention_mask"):
         pm.generate(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(peftfx.ConfigError, match="input_ids"):
         pm.generate(ids[0])
-    with pytest.raises(peftfx.ConfigError, match="temperature"):
-        pm.generate(ids, do_sample=True, temperature=0.0)
-    assert torch.equal(pm.generate(ids, max_new_tokens=0), ids)
+    with pytest.raises(peftfx.ConfigError, match="assisted_generation"):
+        pm.generate(ids, prompt_lookup_num_tokens=2)
+    with pytest.raises(peftfx.ConfigError, match="hidden states"):
+        pm.generate(ids, return_dict_in_generate=True, output_hidden_states=True)
+    with pytest.raises(peftfx.ConfigError, match="past_key_values"):
+        pm.generate(ids, past_key_values=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="not used by the model"):  # transformers' own check of typos
+        pm.generate(ids, max_new_tokns=3)
 
 
 @pytest.mark.slow

@@ -2,13 +2,24 @@
 
 from typing import Any, cast
 
-from .api import apply, load, quantize
+from .api import apply, get_peft_model, load, quantize
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import LoraConfig as LoraConfig  # the registry exports every method config; these for readers
 from .config import PrefixTuningConfig as PrefixTuningConfig
 from .config import PromptTuningConfig as PromptTuningConfig
 from .errors import AdapterNotFoundError, CaptureError, CheckpointError, ConfigError, PeftFxError, TargetNotFoundError
+from .interop import get_peft_model_state_dict, set_peft_model_state_dict
 from .methods import config_classes as _config_classes
 from .model import PeftFxModel
+from .model import PeftFxModel as PeftModel  # PEFT's name: PeftModel.from_pretrained(model, path)
 from .quant_config import QuantConfig
 
 # Every registered method's config class is exported (peftfx.IA3Config, ...): a new method adds none here.
@@ -36,10 +47,21 @@ def export(model: "PeftFxModel", path: str, **options: Any) -> str:
 
 __all__ = [
     "apply",
+    "get_peft_model",
+    "PeftModel",
     "load",
     "quantize",
     "visualize",
     "export",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForFeatureExtraction",
     *_config_classes(),
     "QuantConfig",
     "PeftFxModel",

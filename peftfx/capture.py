@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
 
 from .errors import CaptureError, ConfigError
+from .progress import get_logger, timed
 
 # Inputs of transformers models whose dimension 1 is the sequence length.
 SEQUENCE_INPUTS = {
@@ -40,7 +41,9 @@ SEQUENCE_INPUTS = {
 }
 MIN_EXAMPLE_SIZE = 2  # export specialises sizes 0 and 1, so examples are grown to at least 2
 MAX_BATCH = 1 << 16
+FULL, BACKBONE = "model", "backbone"  # what a capture runs: the whole model, or its backbone (no head)
 UNBOUNDED = sys.maxsize  # the upper end of a dim range export left open (±oo)
+log = get_logger("capture")
 
 
 @dataclass(frozen=True)
@@ -49,16 +52,31 @@ class Signature:
 
     inputs: tuple
     training: bool
+    part: str = "model"  # FULL or BACKBONE
+    # Autocast as the call found it: export bakes its casts into the graph (and checks intermediate
+    # dtypes), so a graph captured with autocast on must not serve a call with it off, and the reverse.
+    autocast: tuple = ()
 
     @staticmethod
-    def of(kwargs: dict[str, Any], training: bool) -> "Signature":
+    def of(kwargs: dict[str, Any], training: bool, part: str = "model") -> "Signature":
         parts: list[tuple[Any, ...]] = []
+        devices = set()
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 parts.append((name, "tensor", str(value.dtype), value.dim(), str(value.device)))
+                devices.add(value.device.type)
             else:
                 parts.append((name, "const", repr(value)))
-        return Signature(tuple(sorted(parts)), training)
+        return Signature(tuple(sorted(parts)), training, part, autocast_state(devices | {"cpu"}))
+
+
+def autocast_state(device_types: Any) -> tuple:
+    """(device type, dtype) of each device type with autocast on, sorted (empty when it is off)."""
+    return tuple(
+        (device, str(torch.get_autocast_dtype(device)))
+        for device in sorted(device_types)
+        if torch.is_autocast_enabled(device)
+    )
 
 
 @dataclass
@@ -134,6 +152,11 @@ class Capturer:
     def clear(self) -> None:
         self.captures.clear()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (copy.deepcopy, pickle) capture again on first use: an exported program holds the
+        original model's tensors."""
+        return {**self.__dict__, "captures": {}}
+
     def all(self) -> list[Capture]:
         """Every capture made (forward and decode), oldest first per signature."""
         return [c for captures in self.captures.values() for c in captures]
@@ -167,12 +190,13 @@ class Capturer:
             check_sequence_shapes(named, not getattr(self.model.config, "is_encoder_decoder", False))
         return named
 
-    def get(self, kwargs: dict[str, Any], training: bool) -> Capture:
-        signature = Signature.of(kwargs, training)
+    def get(self, kwargs: dict[str, Any], training: bool, part: str = FULL) -> Capture:
+        """The capture serving a call of the whole model (FULL) or of its backbone (BACKBONE)."""
+        signature = Signature.of(kwargs, training, part)
         for capture in self.captures.get(signature, []):
             if capture.accepts(kwargs):
                 return capture
-        capture = self._capture(signature, kwargs, training)
+        capture = self._capture(signature, kwargs, training, part)
         self.captures.setdefault(signature, []).append(capture)
         return capture
 
@@ -199,7 +223,7 @@ class Capturer:
         return MAX_BATCH
 
     @torch.compiler.disable
-    def _capture(self, signature: Signature, kwargs: dict[str, Any], training: bool) -> Capture:
+    def _capture(self, signature: Signature, kwargs: dict[str, Any], training: bool, part: str = FULL) -> Capture:
         """Export a new graph. Never traced by dynamo: a call through torch.compile(pm) (or Trainer's
         torch_compile) reaching here runs export eagerly, as outside dynamo, so the named Dims and their
         bounds hold (traced by dynamo, export fails on them and the AUTO retry proves only [2, oo])."""
@@ -221,10 +245,49 @@ class Capturer:
             # The model runs sequences past its position table (rotary positions do): this capture serves
             # every longer length, so the next long call reuses it instead of capturing again.
             max_seq = MAX_BATCH
-        with module_mode(self.model, training):
-            program = export_dynamic(self.model, example, axes, max_seq)
+        root = self.model if part == FULL else Backbone(self.model)
+        inputs = ", ".join(n for n, v in kwargs.items() if isinstance(v, torch.Tensor))
+        mode = "train" if training else "eval"
+        what = f"capturing {type(self.model).__name__}{'' if part == FULL else ' (' + part + ')'} with torch.export"
+        with (
+            module_mode(self.model, training),
+            without_checkpointing(self.model),
+            timed(log, f"{what} ({mode}; inputs {inputs})"),
+        ):
+            program = export_dynamic(root, example, axes, max_seq)
+        if root is not self.model:
+            strip_wrapper(program, Backbone.PREFIX)
         ranges, symbols = _dim_ranges(program, example)
         return Capture(signature, program, ranges, symbols)
+
+
+class Backbone(torch.nn.Module):
+    """The model without its head (transformers' `base_model`: LlamaModel in LlamaForCausalLM), as a
+    module holding the whole model, so the exported graph's module paths are the model's own once
+    `strip_wrapper` drops PREFIX: the passes find the same sites as in the full graph."""
+
+    PREFIX = "model"
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs: Any) -> Any:
+        backbone: Any = self.model.base_model  # a transformers PreTrainedModel's model without its head
+        return backbone(**kwargs)
+
+
+def strip_wrapper(program: torch.export.ExportedProgram, prefix: str) -> None:
+    """Module paths of a wrapper's capture as the wrapped model names them (`model.layers.0...`, not
+    `model.model.layers.0...`)."""
+    dotted = prefix + "."
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: ((path[len(dotted) :] if path.startswith(dotted) else "" if path == prefix else path), kind)
+                for key, (path, kind) in stack.items()
+            }
 
 
 # Inputs HF broadcasts over the batch when their dim 0 is 1.
@@ -404,6 +467,21 @@ def _keyword_forward(model: torch.nn.Module, names: list[str]):
             del model.forward
         else:
             model.forward = original
+
+
+@contextlib.contextmanager
+def without_checkpointing(model: torch.nn.Module):
+    """Capture with transformers' gradient checkpointing switched off, then switch it back on. Traced,
+    its checkpoint wrappers either vanish (non-reentrant) or leave the layers under no_grad (reentrant:
+    the loss then has no gradient at all); peftfx's graphs do not checkpoint yet (issue 18)."""
+    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in switched:
+        setattr(module, "gradient_checkpointing", False)  # noqa: B010 - a transformers attribute, not nn.Module's
+    try:
+        yield
+    finally:
+        for module in switched:
+            setattr(module, "gradient_checkpointing", True)  # noqa: B010
 
 
 @contextlib.contextmanager

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union, cast
 
 import torch
 from torch import fx, nn
 
-from . import io
+from . import io, trainer_support
+from .capture import BACKBONE
 from .config import AdapterConfig, as_peftfx_config
+from .errors import ConfigError
 from .state.model_state import ModelState, check_adapter_name, hf_example_inputs  # noqa: F401 - public names
 from .state.store import AdapterStore
 from .state.variants import VariantSpec
@@ -23,8 +25,66 @@ from .state.variants import VariantSpec
 DEFAULT_ADAPTER = "default"
 
 
+# Base-model attributes the fall-through would reach and that would do the wrong thing on the wrapper,
+# with what to do instead (the implemented ones are methods of PeftFxModel; docs/migration.md lists both).
+REFUSED = {
+    "enable_adapters": "transformers' own adapter switch does not see peftfx adapters; use set_adapter(), or "
+    "the disable_adapter() context manager to run without them.",
+    "disable_adapters": "transformers' own adapter switch does not see peftfx adapters; use the "
+    "disable_adapter() context manager.",
+    "dequantize": "it would replace the quantized layers under peftfx's graphs; use "
+    "merge_and_unload(dequantize=True), or unload() and dequantize the model handed back.",
+    "set_decoder": "it replaces the decoder under peftfx's graphs; set it before peftfx.apply.",
+}
+# save_pretrained arguments of PEFT's and transformers' that change nothing in what peftfx writes.
+# (Adapters are one small file; embedding layers are never trained by peftfx adapters yet, see #19.)
+IGNORED_SAVE_OPTIONS = {"max_shard_size", "save_embedding_layers"}
+
+_FACADES: dict[type, type] = {}
+
+
+def facade_class(base_class: type) -> type:
+    """The PeftFxModel subclass for a wrapped model class: its `forward` has the wrapped class's signature,
+    as PEFT's task classes (PeftModelForCausalLM, ...) spell theirs out. transformers reads the class's forward
+    for label names (`find_labels(model.__class__)`: eval_loss, compute_metrics' labels) and for the dataset
+    columns it keeps, and its name keeps the wrapped one's (`"QuestionAnswering" in name` picks QA labels).
+    A class, not a per-instance closure, so copy.deepcopy and pickle give independent models."""
+    cls = _FACADES.get(base_class)
+    if cls is None:
+
+        def forward(self: PeftFxModel, *args: Any, **kwargs: Any) -> Any:
+            return self._run(*args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.signature(base_class.forward)  # type: ignore[attr-defined]
+        except (TypeError, ValueError):  # a forward inspect cannot read: keep (*args, **kwargs)
+            pass
+        forward.__doc__ = PeftFxModel._run.__doc__
+        name = f"PeftFx{base_class.__name__}"
+        cls = type(name, (PeftFxModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        _FACADES[base_class] = cls
+    return cls
+
+
+def _new_facade(base_class: type) -> "PeftFxModel":
+    """pickle's constructor of a PeftFxModel (the facade class is made at run time, so it is not importable)."""
+    return cast(PeftFxModel, nn.Module.__new__(facade_class(base_class)))
+
+
 class PeftFxModel(nn.Module):
-    """A model with adapters. Calls run the active variant graph and return the model's own output."""
+    """A model with adapters. Calls run the active variant graph and return the model's own output.
+
+    `PeftFxModel(model)` makes an instance of `facade_class(type(model))`, so `isinstance(pm, PeftFxModel)`
+    holds and `type(pm).forward` carries the wrapped model's signature."""
+
+    # transformers' marker for "adapters are attached" (its own PEFT integration sets it on a model):
+    # Trainer's quantized-model check reads it, so a 4-bit base with peftfx adapters trains.
+    _hf_peft_config_loaded = True
+
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> "PeftFxModel":
+        if cls is PeftFxModel:
+            cls = facade_class(type(model))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -33,21 +93,20 @@ class PeftFxModel(nn.Module):
         dynamic_axes: Optional[dict[str, dict[int, str]]] = None,
     ):
         super().__init__()
-        self.base_model = model
+        self._modules["base_model"] = model  # pm.base_model is a BaseModelView over it (the property wins)
         self.adapters = AdapterStore()
         self.training = model.training
         self.__dict__["state"] = ModelState(model, self.adapters, example_inputs, dynamic_axes)
-        forward_signature = inspect.signature(model.forward)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self._run(*args, **kwargs)
-
-        # Expose the wrapped model's signature: transformers.Trainer reads it to keep dataset columns.
-        forward.__signature__ = forward_signature  # type: ignore[attr-defined]
-        forward.__doc__ = self._run.__doc__
-        self.forward = forward
+        trainer_support.install()
 
     state: ModelState
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Rebuilt through facade_class; the rest is the instance dict (ModelState drops its caches).
+        return (_new_facade, (type(self._modules["base_model"]),), self.__dict__.copy())
 
     # -- attribute access falls through to the wrapped model, as PEFT's PeftModel does --------------
 
@@ -55,21 +114,30 @@ class PeftFxModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "adapters", "_modules", "state"):
+            if name in ("base_model", "adapters", "_modules", "state") or name.startswith("__"):
                 raise
+            if name in REFUSED:
+                raise AttributeError(f"PeftFxModel.{name}: {REFUSED[name]}") from None
             return getattr(self._modules["base_model"], name)
 
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Decode with the active adapters through a static-KV-cache decode graph (peftfx/generate.py);
-        arguments as transformers' generate: input_ids, attention_mask, max_new_tokens, do_sample,
-        temperature, top_k, top_p, eos_token_id, pad_token_id (plus generator or seed), and PEFT's
-        adapter_names for a mixed batch."""
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' GenerationMixin.generate driving peftfx's static-KV-cache decode graph with the
+        active adapters (peftfx/generate.py): its arguments (beam search, logits processors, streamers,
+        generation_config, ...) and its result (a tensor, or a GenerateOutput with
+        return_dict_in_generate), plus PEFT's adapter_names for a mixed batch and `seed`."""
         from .generate import generate
 
         return generate(self, *args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The wrapped model itself (PEFT's name)."""
+        return cast(nn.Module, self._modules["base_model"])
+
+    @property
+    def base_model(self) -> "BaseModelView":
+        """The wrapped model; calling it runs the adapted backbone (transformers' `base_model`, the model
+        without its head), which TRL's fused LM-head loss calls. See BaseModelView."""
+        return BaseModelView(self)
 
     @property
     def peft_config(self) -> dict[str, AdapterConfig]:
@@ -167,12 +235,18 @@ class PeftFxModel(nn.Module):
         self.state.unmerge()
 
     def merge_and_unload(
-        self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+        dequantize: bool = False,
     ) -> nn.Module:
         """Merge and hand back the user's own model, with the active adapters' saved modules copied in.
         It needs no peftfx to run or to save (transformers' save_pretrained writes a plain checkpoint).
         On a quantized base the model comes back with bitsandbytes layers holding the requantized merged
-        weights, or, with `dequantize=True`, in full precision (merged exactly, no requantization)."""
+        weights, or, with `dequantize=True`, in full precision (merged exactly, no requantization).
+        A merge over 2 s shows a progress bar whatever `progressbar` (PEFT's argument, accepted) says;
+        `peftfx.progress.disable_progress_bars()` turns bars off."""
         state = self.state
         with state.lock:
             names = list(adapter_names) if adapter_names is not None else list(state.active)
@@ -193,6 +267,11 @@ class PeftFxModel(nn.Module):
             return state.hand_back()
 
     # -- running --------------------------------------------------------------------------------------
+
+    def _run_backbone(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The backbone's output (last_hidden_state, ...) with the active adapters."""
+        run, named = self.state.runner(args, kwargs, adapter_names, self.training, BACKBONE)
+        return run(**named)
 
     def _run(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """Run the active variant; same arguments and output type as the wrapped model's forward.
@@ -243,6 +322,70 @@ class PeftFxModel(nn.Module):
         self.state.forget_captures()
         return result
 
+    # -- base-model methods that would do the wrong thing through the fall-through (docs/migration.md) --
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count over the model with its adapters (through the fall-through it counted the
+        base only, with 0 trainable)."""
+        embeddings = set()
+        if exclude_embeddings:
+            embeddings = {id(m.weight) for m in self.get_base_model().modules() if isinstance(m, nn.Embedding)}
+        return sum(
+            p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in embeddings
+        )
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the parameters (and buffers) of the model and its adapters."""
+        total = sum(p.nelement() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            total += sum(b.nelement() * b.element_size() for b in self.buffers())
+        return total
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """transformers' resize of the base model; the graphs are captured again on the next call. Refused
+        before anything changes when an adapter or saved module sits on the embeddings or the head (its
+        tensors have the old vocabulary size): resize before peftfx.apply, as with PEFT."""
+        state = self.state
+        with state.lock:
+            paths = set().union(*state._embedding_paths)
+            on_them = {
+                adapter: sorted(
+                    {k for k in self.adapters.sites.get(adapter, {}) if k in paths}
+                    | {p for p in self.adapters.saved.get(adapter, {}) if p in paths}
+                )
+                for adapter in self.adapters.adapter_names()
+            }
+            on_them = {a: p for a, p in on_them.items() if p}
+            if on_them:
+                raise ConfigError(
+                    f"resize_token_embeddings: adapters {on_them} sit on the embeddings or the output head, "
+                    "whose shapes would change; resize the base model before peftfx.apply (then add the "
+                    "adapter), or delete those adapters first. Nothing was changed."
+                )
+            result = self.get_base_model().resize_token_embeddings(*args, **kwargs)  # type: ignore[operator]
+            state.check_base()  # new embedding tensors: capture again on the next call
+            return cast(nn.Module, result)
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' switch (Trainer's gradient_checkpointing=True calls it), set on the wrapped model;
+        graphs are captured again. peftfx's graphs do not checkpoint yet: activation memory is as without
+        it (docs/migration.md)."""
+        self._set_checkpointing("activation_checkpointing_enable", args, kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._set_checkpointing("activation_checkpointing_disable", (), {})
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' older name of activation_checkpointing_enable (gradient_checkpointing_kwargs=...)."""
+        self._set_checkpointing("gradient_checkpointing_enable", args, kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_checkpointing("gradient_checkpointing_disable", (), {})
+
+    def _set_checkpointing(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        getattr(self.get_base_model(), method)(*args, **kwargs)
+        self.state.forget_captures()
+
     # -- counting and saving ------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -267,11 +410,50 @@ class PeftFxModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str,
-        selected_adapters: Optional[list[str]] = None,
         safe_serialization: bool = True,
+        selected_adapters: Optional[list[str]] = None,
+        is_main_process: bool = True,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
         **kwargs: Any,
     ) -> None:
+        """Write the adapters in PEFT's format (PEFT's arguments; Trainer passes is_main_process and
+        state_dict). `state_dict` (a gathered pm.state_dict(), as FSDP and DeepSpeed give) is refused
+        for now: the adapters are written from the model's own tensors."""
+        unknown = sorted(set(kwargs) - IGNORED_SAVE_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"save_pretrained got unknown arguments {unknown}; peftfx takes PEFT's save_directory, "
+                f"safe_serialization, selected_adapters, is_main_process and {sorted(IGNORED_SAVE_OPTIONS)}."
+            )
+        if state_dict is not None:
+            raise ConfigError(
+                "save_pretrained(state_dict=...) is not supported yet (a sharded model's gathered state "
+                "dict); peftfx writes the adapters from the model's own tensors: call it without state_dict."
+            )
+        if kwargs.get("save_embedding_layers") is True:
+            raise ConfigError(
+                "save_embedding_layers=True: peftfx adapters do not change the embedding layers, so there is "
+                "nothing more to write; leave it at 'auto'."
+            )
+        if not is_main_process:
+            return
         io.save_adapters(self.state.env, save_directory, selected_adapters, safe_serialization)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> "PeftFxModel":
+        """PEFT's `PeftModel.from_pretrained(model, model_id, ...)`: `peftfx.load`."""
+        from .api import load
+
+        return load(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+
+    # -- hub (peftfx/hub.py) ---------------------------------------------------------------------------
 
     def load_adapter(
         self,
@@ -280,9 +462,91 @@ class PeftFxModel(nn.Module):
         is_trainable: bool = False,
         subfolder: Optional[str] = None,
         revision: Optional[str] = None,
-        **kwargs: Any,
+        **hub_kwargs: Any,
     ) -> None:
-        """Read a PEFT-format adapter (a folder or hub repo id) and add it (validated before anything changes)."""
-        config, weights, weights_path = io.read_adapter(model_id, subfolder, revision)
+        """Read a PEFT-format adapter (a folder or hub repo id) and add it (validated before anything changes).
+        `hub_kwargs` are PEFT's download arguments (cache_dir, token, local_files_only, force_download, ...)."""
+        config, weights, weights_path = io.read_adapter(model_id, subfolder, revision, **hub_kwargs)
+        # PEFT saves the base embedding (a tied lm_head's too) when an adapter targets one: a base weight
+        weights, embeddings = io.split_embedding_copies(self.state.env, weights)
+        if adapter_name in self.adapters.configs:
+            # PEFT: the weights go into the existing adapter (Trainer's resume and load_best_model_at_end)
+            self.state.load_weights(adapter_name, weights, source=weights_path)
+            io.copy_embeddings(self.state.env, embeddings)
+            if not is_trainable:
+                self.eval()
+            return
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config, weights=weights, source=weights_path)
+        io.copy_embeddings(self.state.env, embeddings)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        selected_adapters: Optional[list[str]] = None,
+        commit_description: Optional[str] = None,
+        tags: Optional[list[str]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Upload the adapters (not the base model) to a hub repo as PEFT does: adapter_config.json,
+        adapter_model.safetensors and a model card naming the base model (peftfx/hub.py)."""
+        from . import hub
+
+        ignored = {"max_shard_size", "safe_serialization"}
+        unknown = sorted(set(kwargs) - ignored)
+        if unknown:
+            raise ConfigError(
+                f"push_to_hub() got unknown keyword argument(s) {unknown}; it takes commit_message, private, "
+                "token, revision, create_pr, selected_adapters, commit_description and tags."
+            )
+        return hub.push_to_hub(
+            self.state.env,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            selected_adapters=selected_adapters,
+            tags=tags,
+        )
+
+
+class BaseModelView:
+    """`pm.base_model`: the wrapped model for every attribute (`pm.base_model.config`, `.named_parameters()`,
+    `.lm_head`, ...), as in PEFT, where it reaches the model underneath. Calling it runs the *adapted*
+    backbone and returns the backbone's output (`last_hidden_state`): transformers' `model.base_model(...)`
+    is the model without its head, and TRL's SFTTrainer scores tokens from it with its own fused LM head.
+    The plain wrapped module is `pm.get_base_model()`."""
+
+    __slots__ = ("_pm",)
+    _pm: PeftFxModel
+
+    def __init__(self, pm: PeftFxModel):
+        object.__setattr__(self, "_pm", pm)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pm._run_backbone(*args, **kwargs)
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model, as PEFT's `pm.base_model.model`."""
+        return self._pm.get_base_model()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pm.get_base_model(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._pm.get_base_model(), name, value)
+
+    def __dir__(self) -> list[str]:
+        return dir(self._pm.get_base_model())
+
+    def __repr__(self) -> str:
+        return repr(self._pm.get_base_model())

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from .. import io, merge
 from ..bnb_capture import adopt_bnb_modules, to_bnb_modules
-from ..capture import Capture, Capturer
+from ..capture import FULL, Capture, Capturer
 from ..code_cache import scratch_code
 from ..config import AdapterConfig, LoraConfig
 from ..errors import ConfigError
@@ -97,6 +97,19 @@ class ModelState:
         self._last_capture: Optional[Capture] = None
         self.quant = adopt_bnb_modules(model)  # a QuantStore when the model holds bitsandbytes layers
         self.variants.quant = self.quant
+        self.embeddings = embedding_modules(model)
+        self._embedding_paths = tuple(_paths(model, (pair,)) for pair in self.embeddings)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (copy.deepcopy, pickle, torch.save of the model) get their own lock and no captures
+        or graphs (Capturer and VariantCache drop theirs): those are rebuilt over the copy's tensors."""
+        state = self.__dict__.copy()
+        state.update(lock=None, _last_capture=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     @property
     def env(self) -> MethodEnv:
@@ -136,6 +149,17 @@ class ModelState:
                 io.copy_weights(self.env, entries, matched)
             if first:
                 self.active = [name]
+
+    @locked
+    def load_weights(self, name: str, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """New weights into an existing adapter, in place (PEFT's load_adapter onto a known name: what
+        Trainer's resume_from_checkpoint and load_best_model_at_end do). Checked first: a checkpoint that
+        does not fit the adapter changes nothing."""
+        self.check_known([name])
+        if name in self.merged:
+            raise ConfigError(f"adapter {name!r} is merged; unmerge_adapter() before loading new weights into it.")
+        entries = io.plan_entries(self.env, io.existing_plan(self.store, name))
+        io.copy_weights(self.env, entries, io.check_weights(entries, weights, source))
 
     def plan(self, name: str, config: AdapterConfig) -> AdapterPlan:
         """The adapter's plan, from scratch copies of the reference graph (their generated code released)."""
@@ -405,16 +429,56 @@ class ModelState:
         adapter = self.active[0]
         return adapter if self.store.method_of(adapter).stage == "inputs" else None
 
-    def capture_for(self, named: dict[str, Any], training: bool) -> tuple[Capture, dict[str, Any], tuple]:
-        """(capture, inputs to call its variants with, the prompt part of the spec) for a call."""
+    def check_base(self) -> None:
+        """A base model changed under the graphs (resize_token_embeddings, set_input_embeddings, tie_weights)
+        is captured again; if an adapter or saved module sits on a changed module, the call is refused: its
+        tensors were made for the old shapes. Cheap: identity checks per call."""
+        now = embedding_modules(self.model)
+        if _same(now, self.embeddings):
+            return
+        changed = {
+            path
+            for (old_module, old_weight), (module, weight), old_paths in zip(
+                self.embeddings, now, self._embedding_paths
+            )
+            if old_module is not module or old_weight is not weight
+            for path in _paths(self.model, ((module, weight),)) | old_paths
+        }
+        for adapter in self.store.adapter_names():
+            touched = sorted(
+                {key for key in self.store.sites.get(adapter, {}) if key in changed}
+                | {path for path in self.store.saved.get(adapter, {}) if path in changed}
+            )
+            if touched:
+                raise ConfigError(
+                    f"the base model's {touched} changed after adapter {adapter!r} was added on them (a "
+                    "resize_token_embeddings or new embedding module?); its tensors have the old shapes. "
+                    "Resize the base model before peftfx.apply, or delete_adapter() and add it again."
+                )
+        self.forget_captures()
+        self.embeddings = now
+        self._embedding_paths = tuple(_paths(self.model, (pair,)) for pair in now)
+
+    def capture_for(
+        self, named: dict[str, Any], training: bool, part: str = FULL
+    ) -> tuple[Capture, dict[str, Any], tuple]:
+        """(capture, inputs to call its variants with, the prompt part of the spec) for a call of the
+        whole model or (part=BACKBONE) of its backbone."""
+        self.check_base()
         adapter = self.input_adapter()
         if adapter is not None:
+            if part != FULL:
+                raise ConfigError(
+                    f"adapter {adapter!r} is a prompt-learning adapter, whose virtual tokens peftfx adds to the "
+                    "whole model's call only; call the PeftFxModel itself rather than its base_model."
+                )
             inputs = self.store.method_of(adapter).call_inputs(self.store, adapter, named, self.model)
             if inputs is not None:
                 capture_named, call_named, source = inputs
                 return self.capturer.get(capture_named, training), call_named, (adapter, source)
-        capture = self.capturer.get(named, training)
-        self._last_capture = capture
+        capture = self.capturer.get(named, training, part)
+        if part == FULL:
+            self._last_capture = capture
         return capture, named, ()
 
     def spec_for(self, capture: Capture, prompt: tuple[str, ...] = ()) -> VariantSpec:
@@ -440,12 +504,17 @@ class ModelState:
         return self.variants.get(capture, self.model, self.store, spec, bind=bind)
 
     def runner(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Optional[Sequence[str]], training: bool
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        adapter_names: Optional[Sequence[str]],
+        training: bool,
+        part: str = FULL,
     ) -> tuple[Callable[..., Any], dict[str, Any]]:
         """(callable, the inputs to call it with) for one forward call, chosen under the lock."""
         with self.lock:
             named = self.capturer.prepare_inputs(args, kwargs)
-            capture, named, prompt = self.capture_for(named, training)
+            capture, named, prompt = self.capture_for(named, training, part)
             if adapter_names is not None:
                 if prompt:
                     raise ConfigError(
@@ -564,6 +633,32 @@ class ModelState:
         """torch.compile every variant with `options` (None: run eagerly again); drops built variants."""
         self.variants.clear()
         self.variants.compile_options = None if options is None else {"dynamic": True, **options}
+
+
+EMBEDDING_GETTERS = ("get_input_embeddings", "get_output_embeddings")
+
+
+def embedding_modules(model: nn.Module) -> tuple[tuple[Any, Any], ...]:
+    """(module, weight) of the model's input and output embeddings (what resizing replaces): compared by
+    identity on every call, so it must stay cheap."""
+    found = []
+    for getter in EMBEDDING_GETTERS:
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        found.append((module, getattr(module, "weight", None)))
+    return tuple(found)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x is y for pair_a, pair_b in zip(a, b) for x, y in zip(pair_a, pair_b))
+
+
+def _paths(model: nn.Module, modules: tuple) -> set[str]:
+    wanted = {id(m) for m, _ in modules if m is not None}
+    return {path for path, m in model.named_modules() if id(m) in wanted}
 
 
 def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:

@@ -216,6 +216,13 @@ class VariantCache:
             self._drop(key)
         self._checked_version = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (copy.deepcopy, pickle) keep the options and rebuild graphs on first use: a graph holds
+        the original's tensors, so a copied one would run the original's weights."""
+        state = self.__dict__.copy()
+        state.update(_variants=OrderedDict(), _code={}, _checked_version=None)
+        return state
+
 
 def _generations(store: AdapterStore, spec: VariantSpec) -> tuple:
     """The generation of each adapter a variant's graph reads by name (None for one that is gone)."""

@@ -95,6 +95,7 @@ def test_merged_artifact_runs_without_peftfx(name, load_model, tmp_path):
     assert not os.path.exists(path + ".adapters")
 
 
+@pytest.mark.slow  # three fresh processes; test_cli_export_of_a_saved_adapter covers the unmerged load path
 def test_unmerged_artifact_serves_every_adapter_of_its_layout(load_model, tmp_path):
     pm = peftfx.apply(load_model("llama"), _lora("llama"))
     pm.add_adapter("b", _lora("llama", lora_alpha=3))  # same layout, other values and scaling
@@ -132,6 +133,7 @@ def test_quantized_base_exports_unmerged_and_refuses_merged(load_model, tmp_path
     _assert_all_close(_run_fresh(tmp_path, path, "pt2", "-", "bnb"), _expected(pm))
 
 
+@pytest.mark.slow  # compiles C++ (about 25 s idle on 2 cores)
 def test_aoti_package_runs_without_peftfx(load_model, tmp_path):
     pm = peftfx.apply(load_model("llama"), _lora("llama"))
     pm.eval()

@@ -163,12 +163,10 @@ def test_from_pretrained_is_peft_s(pm, load_model, tmp_path):
     assert not any(p.requires_grad for p in back.parameters())  # frozen, as PEFT's from_pretrained
 
 
-@pytest.mark.parametrize("where", ["before apply", "after apply"])
-def test_gradient_checkpointing_switch_keeps_gradients(load_model, where):
-    model = load_model("llama")
-    if where == "before apply":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    pm = peftfx.apply(model, lora())
+def test_gradient_checkpointing_switch_keeps_gradients(load_model):
+    """Switched on before apply (reentrant), then after apply with both use_reentrant values: gradients
+    equal those without checkpointing."""
+    pm = peftfx.apply(load_model("llama"), lora())
     perturb_trainable(pm)
     pm.train()
     kw = batch()
@@ -178,12 +176,21 @@ def test_gradient_checkpointing_switch_keeps_gradients(load_model, where):
         pm(**kw, labels=kw["input_ids"]).loss.backward()
         return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
 
-    with_it = grads()
+    without = grads()
+    before_apply = load_model("llama")
+    before_apply.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    twin = peftfx.apply(before_apply, lora())
+    twin.load_state_dict(pm.state_dict())
+    twin.train()
+    twin(**kw, labels=kw["input_ids"]).loss.backward()
+    for name, p in twin.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, without[name], atol=1e-5, rtol=1e-5)
     for reentrant in (True, False):
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         assert pm.get_base_model().is_gradient_checkpointing
         for name, grad in grads().items():
-            torch.testing.assert_close(grad, with_it[name], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grad, without[name], atol=1e-5, rtol=1e-5)
     pm.gradient_checkpointing_disable()
     assert not pm.get_base_model().is_gradient_checkpointing
 

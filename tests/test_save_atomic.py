@@ -165,8 +165,10 @@ def _assert_no_leftovers(folder) -> None:
             assert not (p.is_symlink() and not p.exists()), f"dangling link {p}"
 
 
-@pytest.mark.parametrize("layout", ["peftfx", "plain"])
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario,layout", [
+    ("multi", "peftfx"), ("single", "peftfx"), ("single", "plain"),
+    pytest.param("multi", "plain", marks=pytest.mark.slow),  # the most interrupt points (about 15 s)
+])
 def test_an_interrupt_anywhere_leaves_the_old_save_or_the_new_one(models, tmp_path, monkeypatch, scenario, layout):
     """Old save by peftfx or as plain files (PEFT, older peftfx); interrupted at every file operation."""
     monkeypatch.setattr(peftfx.save_store, "fsync", lambda path: None)  # for power loss, which is not simulated here

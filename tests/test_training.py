@@ -25,7 +25,7 @@ def _train(pm, steps=8, lr=1e-2, **inputs):
     return losses
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "gpt2"])  # llama: tests/test_trainer.py
 def test_training_lowers_loss_and_leaves_base_untouched(name, load_model):
     model = load_model(name)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -89,6 +89,7 @@ def test_dropout_runs_in_train_mode_only(load_model):
     assert torch.ops.aten.dropout.default not in lora_ops
 
 
+@pytest.mark.slow  # 80 forward passes; test_dropout_runs_in_train_mode_only stays in the default run
 def test_dropout_matches_peft_statistics(load_model):
     """Same dropout probability as PEFT: with A = B = identity-like weights the train-mode output
     variance over many seeds matches PEFT's within sampling error."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .capture import MAX_BATCH, Capture, Signature, module_mode
+from .capture import MAX_BATCH, Capture, Signature, module_mode, strip_wrapper
 from .errors import CaptureError, ConfigError
 from .generate_hf import DecodeCache, DecodeStepper, Feed, Run
 from .progress import get_logger, timed
@@ -141,20 +141,6 @@ def _empty_cache(model: nn.Module, batch: int, length: int, device) -> tuple[lis
     return make(), make()
 
 
-def _strip_wrapper(program: torch.export.ExportedProgram) -> None:
-    """Module paths as the user's model names them (`model.layers.0...`, not `model.model.layers.0...`),
-    so selection and the passes find the same sites as in the forward graph."""
-    prefix = WRAPPER_PREFIX + "."
-    for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if not stack:
-            continue
-        node.meta["nn_module_stack"] = {
-            key: ((path[len(prefix) :] if path.startswith(prefix) else "" if path == WRAPPER_PREFIX else path), kind)
-            for key, (path, kind) in stack.items()
-        }
-
-
 def _drop_metadata_asserts(program: torch.export.ExportedProgram) -> None:
     """Export's per-step dtype/device checks on intermediate tensors: a decode step is small, so these
     interpreted no-op calls cost several percent of it. Sizes and dtypes are fixed by `generate` itself."""
@@ -207,7 +193,7 @@ def decode_capture(pm: Any, source: str) -> Capture:
         raise
     except Exception as exc:  # torch raises many types
         raise CaptureError(f"could not capture a static-cache decode graph of {type(model).__name__}: {exc}") from exc
-    _strip_wrapper(program)
+    strip_wrapper(program, WRAPPER_PREFIX)  # the user's module paths, as in the forward graph
     _drop_metadata_asserts(program)
     capture = Capture(signature, program, fuse_eager=False)
     pm.state.capturer.add(capture)

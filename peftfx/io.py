@@ -242,19 +242,33 @@ def task_type_of(model: torch.nn.Module) -> Optional[str]:
 # -- PEFT's saved embedding layers -------------------------------------------------------------------
 
 
-def embedding_paths(model: torch.nn.Module) -> list[str]:
-    """Module paths of a transformers model's input and output embeddings (one path per module: a tied
-    lm_head is its own module sharing the weight)."""
-    wanted = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
+EMBEDDING_GETTERS = ("get_input_embeddings", "get_output_embeddings")
+
+
+def embedding_modules(model: torch.nn.Module) -> tuple[tuple[Any, Any], ...]:
+    """(module, weight) of a transformers model's input and output embeddings, (None, None) where it has
+    none. Cheap: ModelState compares them by identity on every call to notice a resize."""
+    found = []
+    for getter in EMBEDDING_GETTERS:
+        get = getattr(model, getter, None)
         try:
-            module = getattr(model, getter)() if hasattr(model, getter) else None
+            module = get() if callable(get) else None
         except (AttributeError, NotImplementedError):
             module = None
-        if module is not None:
-            wanted.append(module)
-    paths = [name for name, m in model.named_modules(remove_duplicate=False) if any(m is w for w in wanted)]
+        found.append((module, getattr(module, "weight", None)))
+    return tuple(found)
+
+
+def module_paths(model: torch.nn.Module, modules: Iterable[Any]) -> list[str]:
+    """Every path of these modules in `model` (a tied lm_head is its own module sharing the weight)."""
+    wanted = {id(m) for m in modules if m is not None}
+    paths = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in wanted]
     return list(dict.fromkeys(p for p in paths if p))
+
+
+def embedding_paths(model: torch.nn.Module) -> list[str]:
+    """Module paths of a transformers model's input and output embeddings."""
+    return module_paths(model, (module for module, _ in embedding_modules(model)))
 
 
 def split_embedding_copies(

@@ -347,15 +347,7 @@ class PeftFxModel(nn.Module):
         tensors have the old vocabulary size): resize before peftfx.apply, as with PEFT."""
         state = self.state
         with state.lock:
-            paths = set().union(*state._embedding_paths)
-            on_them = {
-                adapter: sorted(
-                    {k for k in self.adapters.sites.get(adapter, {}) if k in paths}
-                    | {p for p in self.adapters.saved.get(adapter, {}) if p in paths}
-                )
-                for adapter in self.adapters.adapter_names()
-            }
-            on_them = {a: p for a, p in on_them.items() if p}
+            on_them = state.adapters_on()
             if on_them:
                 raise ConfigError(
                     f"resize_token_embeddings: adapters {on_them} sit on the embeddings or the output head, "

@@ -97,8 +97,8 @@ class ModelState:
         self._last_capture: Optional[Capture] = None
         self.quant = adopt_bnb_modules(model)  # a QuantStore when the model holds bitsandbytes layers
         self.variants.quant = self.quant
-        self.embeddings = embedding_modules(model)
-        self._embedding_paths = tuple(_paths(model, (pair,)) for pair in self.embeddings)
+        self.embeddings = io.embedding_modules(model)
+        self._embedding_paths = tuple(_paths(model, pair) for pair in self.embeddings)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (copy.deepcopy, pickle, torch.save of the model) get their own lock and no captures
@@ -433,7 +433,7 @@ class ModelState:
         """A base model changed under the graphs (resize_token_embeddings, set_input_embeddings, tie_weights)
         is captured again; if an adapter or saved module sits on a changed module, the call is refused: its
         tensors were made for the old shapes. Cheap: identity checks per call."""
-        now = embedding_modules(self.model)
+        now = io.embedding_modules(self.model)
         if _same(now, self.embeddings):
             return
         changed = {
@@ -442,22 +442,30 @@ class ModelState:
                 self.embeddings, now, self._embedding_paths
             )
             if old_module is not module or old_weight is not weight
-            for path in _paths(self.model, ((module, weight),)) | old_paths
+            for path in _paths(self.model, (module, weight)) | old_paths
         }
-        for adapter in self.store.adapter_names():
-            touched = sorted(
-                {key for key in self.store.sites.get(adapter, {}) if key in changed}
-                | {path for path in self.store.saved.get(adapter, {}) if path in changed}
+        for adapter, touched in self.adapters_on(changed).items():
+            raise ConfigError(
+                f"the base model's {touched} changed after adapter {adapter!r} was added on them (a "
+                "resize_token_embeddings or new embedding module?); its tensors have the old shapes. "
+                "Resize the base model before peftfx.apply, or delete_adapter() and add it again."
             )
-            if touched:
-                raise ConfigError(
-                    f"the base model's {touched} changed after adapter {adapter!r} was added on them (a "
-                    "resize_token_embeddings or new embedding module?); its tensors have the old shapes. "
-                    "Resize the base model before peftfx.apply, or delete_adapter() and add it again."
-                )
         self.forget_captures()
         self.embeddings = now
-        self._embedding_paths = tuple(_paths(self.model, (pair,)) for pair in now)
+        self._embedding_paths = tuple(_paths(self.model, pair) for pair in now)
+
+    def adapters_on(self, paths: Optional[set[str]] = None) -> dict[str, list[str]]:
+        """{adapter: the sites and saved modules it has among `paths`} (default: the embedding modules),
+        for adapters that have any."""
+        paths = set().union(*self._embedding_paths) if paths is None else paths
+        found = {
+            adapter: sorted(
+                {key for key in self.store.sites.get(adapter, {}) if key in paths}
+                | {path for path in self.store.saved.get(adapter, {}) if path in paths}
+            )
+            for adapter in self.store.adapter_names()
+        }
+        return {adapter: touched for adapter, touched in found.items() if touched}
 
     def capture_for(
         self, named: dict[str, Any], training: bool, part: str = FULL
@@ -635,30 +643,12 @@ class ModelState:
         self.variants.compile_options = None if options is None else {"dynamic": True, **options}
 
 
-EMBEDDING_GETTERS = ("get_input_embeddings", "get_output_embeddings")
-
-
-def embedding_modules(model: nn.Module) -> tuple[tuple[Any, Any], ...]:
-    """(module, weight) of the model's input and output embeddings (what resizing replaces): compared by
-    identity on every call, so it must stay cheap."""
-    found = []
-    for getter in EMBEDDING_GETTERS:
-        get = getattr(model, getter, None)
-        try:
-            module = get() if callable(get) else None
-        except (NotImplementedError, AttributeError):
-            module = None
-        found.append((module, getattr(module, "weight", None)))
-    return tuple(found)
-
-
 def _same(a: tuple, b: tuple) -> bool:
     return all(x is y for pair_a, pair_b in zip(a, b) for x, y in zip(pair_a, pair_b))
 
 
-def _paths(model: nn.Module, modules: tuple) -> set[str]:
-    wanted = {id(m) for m, _ in modules if m is not None}
-    return {path for path, m in model.named_modules() if id(m) in wanted}
+def _paths(model: nn.Module, pair: tuple) -> set[str]:
+    return set(io.module_paths(model, (pair[0],)))
 
 
 def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:

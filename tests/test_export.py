@@ -71,7 +71,7 @@ def _assert_all_close(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "gpt2", "bert"])  # llama: demo
 def test_merged_artifact_runs_without_peftfx(name, load_model, tmp_path):
     model = load_model(name)
     extra = {"modules_to_save": ["classifier"]} if name == "bert" else {}

@@ -17,6 +17,7 @@ from .config import PrefixTuningConfig as PrefixTuningConfig
 from .config import PromptTuningConfig as PromptTuningConfig
 from .errors import AdapterNotFoundError, CaptureError, CheckpointError, ConfigError, PeftFxError, TargetNotFoundError
 from .interop import get_peft_model_state_dict, set_peft_model_state_dict
+from .kbit_training import prepare_model_for_kbit_training
 from .methods import config_classes as _config_classes
 from .model import PeftFxModel
 from .model import PeftFxModel as PeftModel  # PEFT's name: PeftModel.from_pretrained(model, path)
@@ -55,6 +56,7 @@ __all__ = [
     "export",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "prepare_model_for_kbit_training",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForSequenceClassification",

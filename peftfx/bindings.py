@@ -93,7 +93,7 @@ BINDINGS: dict[torch._ops.OpOverload, tuple[Callable, frozenset]] = {
 
 def lowered_graph(graph: fx.Graph) -> tuple[fx.Graph, int]:
     """A copy of `graph` with every listed overload call replaced by its binding; how many were."""
-    lowered = _copy_graph(graph)
+    lowered = copy_graph(graph)
     count = 0
     for node in lowered.nodes:
         entry = BINDINGS.get(node.target) if node.op == "call_function" else None
@@ -103,7 +103,7 @@ def lowered_graph(graph: fx.Graph) -> tuple[fx.Graph, int]:
     return lowered, count
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
+def copy_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of `graph`'s nodes that shares its calling convention (codegen) instead of deep-copying it:
     `copy.deepcopy(graph)` copies the codegen's pytree specs, and each copied `LeafSpec` raises torch's
     deprecation FutureWarning. The specs are immutable, so sharing them is safe."""
@@ -117,20 +117,30 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return copied
 
 
-def eager_forward(gm: fx.GraphModule) -> Callable:
-    """`gm`'s forward over its lowered graph, bound to `gm` (same attributes, same calling convention)."""
+# get_attr target -> (the dictionary of the user's module that holds it, its key): Capture.owners
+Owners = dict[str, tuple[dict[str, Any], str]]
+
+
+def eager_forward(
+    gm: fx.GraphModule, owners: Optional[Owners] = None, attribute_root: Optional[torch.nn.Module] = None
+) -> Callable:
+    """`gm`'s forward over its lowered graph, bound to `gm` (same attributes, same calling convention).
+
+    A get_attr target in `owners` is read from the user's module that holds it; any other is looked up
+    from `attribute_root` (default `gm`; a block graph reads the slot banks and stores of its variant)."""
     graph, _ = lowered_graph(gm.graph)
     if type(graph._codegen) is _PyTreeCodeGen:
         graph._codegen = _UnpackingCodeGen(graph._codegen.pytree_info)
     code = graph.python_code(root_module="self")
-    src, global_values = _direct_attribute_reads(gm, graph, code.src, dict(code.globals))
+    root = gm if attribute_root is None else attribute_root
+    src, global_values = _direct_attribute_reads(root, graph, code.src, dict(code.globals), owners or {})
     return types.MethodType(_forward_from_src(src, global_values), gm)
 
 
 ATTRIBUTE_PREFIX = "_peftfx_attrs_"  # globals of the eager forward holding the owning modules' dictionaries
 
 
-def _owning_dict(gm: fx.GraphModule, target: str) -> Optional[tuple[dict[str, Any], str]]:
+def _owning_dict(gm: torch.nn.Module, target: str) -> Optional[tuple[dict[str, Any], str]]:
     """(dictionary, key) that `gm.<target>` reads at call time, looked up as `nn.Module.__getattr__`
     does (instance attributes, then parameters, buffers, submodules); None where the read is anything
     else (a class attribute or property), which keeps its chained read."""
@@ -150,13 +160,13 @@ def _owning_dict(gm: fx.GraphModule, target: str) -> Optional[tuple[dict[str, An
 
 
 def _direct_attribute_reads(
-    gm: fx.GraphModule, graph: fx.Graph, src: str, global_values: dict[str, Any]
+    gm: torch.nn.Module, graph: fx.Graph, src: str, global_values: dict[str, Any], owners: Owners
 ) -> tuple[str, dict[str, Any]]:
     """`src` with each get_attr line (`x = self.a.b.w`, as fx writes it) reading `<dict of a.b>["w"]`."""
     names: dict[int, str] = {}  # id(dictionary) -> its global name
     reads: dict[str, str] = {}  # the chained read fx wrote -> the direct one
     for node in graph.find_nodes(op="get_attr"):
-        found = _owning_dict(gm, str(node.target))
+        found = owners.get(str(node.target)) or _owning_dict(gm, str(node.target))
         if found is None:
             continue
         values, key = found

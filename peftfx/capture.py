@@ -27,6 +27,7 @@ from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
 
 from .errors import CaptureError, ConfigError
 from .progress import get_logger, timed
+from .sharding import unsharded_placeholders
 
 # Inputs of transformers models whose dimension 1 is the sequence length.
 SEQUENCE_INPUTS = {
@@ -42,6 +43,7 @@ SEQUENCE_INPUTS = {
 MIN_EXAMPLE_SIZE = 2  # export specialises sizes 0 and 1, so examples are grown to at least 2
 MAX_BATCH = 1 << 16
 FULL, BACKBONE = "model", "backbone"  # what a capture runs: the whole model, or its backbone (no head)
+OWNERS_META = "peftfx_owners"  # GraphModule.meta key of a fresh module's Capture.owners
 UNBOUNDED = sys.maxsize  # the upper end of a dim range export left open (±oo)
 log = get_logger("capture")
 
@@ -93,6 +95,10 @@ class Capture:
     # per row) pays per op, so its eager variants are built unfused (measured: fused up to 6% slower);
     # compiled, the views cost nothing and fused decoding measured 0-5% faster.
     fuse_eager: bool = True
+    # get_attr target -> (dictionary of the user's module holding that tensor when captured, its key): the
+    # graphs read there at call time (peftfx/bindings.py), so a parameter swapped in later (FSDP2) is seen.
+    owners: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    blocks: bool = True  # run as a top graph over block calls (peftfx/blocks.py); decode graphs are not
 
     def accepts(self, kwargs: dict[str, Any]) -> bool:
         tied: dict[str, int] = {}
@@ -117,6 +123,7 @@ class Capture:
         """
         gm = self.program.module(check_guards=False)
         gm.validate_inputs = False  # type: ignore[assignment]  # export's own flag, not declared on GraphModule
+        gm.meta[OWNERS_META] = self.owners  # selection matches graph tensors to the model's through them
         return gm
 
 
@@ -252,13 +259,35 @@ class Capturer:
         with (
             module_mode(self.model, training),
             without_checkpointing(self.model),
+            unsharded_placeholders(self.model),
             timed(log, f"{what} ({mode}; inputs {inputs})"),
         ):
             program = export_dynamic(root, example, axes, max_seq)
+            owners = module_owners(program, root)  # while the placeholders stand where the shards are
         if root is not self.model:
             strip_wrapper(program, Backbone.PREFIX)
         ranges, symbols = _dim_ranges(program, example)
-        return Capture(signature, program, ranges, symbols)
+        return Capture(signature, program, ranges, symbols, owners=owners)
+
+
+def module_owners(
+    program: torch.export.ExportedProgram, root: torch.nn.Module
+) -> dict[str, tuple[dict[str, Any], str]]:
+    """Where each parameter and buffer of the capture lives in the exported module: the dictionary
+    (`_parameters` or `_buffers`) of the module at its path that holds that very tensor now. A tensor
+    the capture holds in its own right (bitsandbytes' adopted buffers, lifted constants) has none."""
+    owners: dict[str, tuple[dict[str, Any], str]] = {}
+    modules = dict(root.named_modules(remove_duplicate=False))
+    for fqn, value in [*program.state_dict.items(), *program.constants.items()]:
+        path, _, name = fqn.rpartition(".")
+        module = modules.get(path)
+        if module is None:
+            continue
+        for found in (module._parameters, module._buffers):
+            if found.get(name) is value:
+                owners[fqn] = (found, name)
+                break
+    return owners
 
 
 class Backbone(torch.nn.Module):
@@ -473,7 +502,7 @@ def _keyword_forward(model: torch.nn.Module, names: list[str]):
 def without_checkpointing(model: torch.nn.Module):
     """Capture with transformers' gradient checkpointing switched off, then switch it back on. Traced,
     its checkpoint wrappers either vanish (non-reentrant) or leave the layers under no_grad (reentrant:
-    the loss then has no gradient at all); peftfx's graphs do not checkpoint yet (issue 18)."""
+    the loss then has no gradient at all). Block calls checkpoint at run time instead (peftfx/blocks.py)."""
     switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for module in switched:
         setattr(module, "gradient_checkpointing", False)  # noqa: B010 - a transformers attribute, not nn.Module's

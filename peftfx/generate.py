@@ -195,7 +195,7 @@ def decode_capture(pm: Any, source: str) -> Capture:
         raise CaptureError(f"could not capture a static-cache decode graph of {type(model).__name__}: {exc}") from exc
     strip_wrapper(program, WRAPPER_PREFIX)  # the user's module paths, as in the forward graph
     _drop_metadata_asserts(program)
-    capture = Capture(signature, program, fuse_eager=False)
+    capture = Capture(signature, program, fuse_eager=False, blocks=False)
     pm.state.capturer.add(capture)
     return capture
 

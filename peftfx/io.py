@@ -29,6 +29,7 @@ from . import hub, save_store
 from .config import DEFAULT_LORA_TARGETS, AdapterConfig, LoraConfig, config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError, ConfigError
 from .methods.base import PEFT_PREFIX, AdapterPlan, Entry, MethodEnv, modules_to_save_paths
+from .sharding import is_sharded
 from .state.store import AdapterStore
 
 CONFIG_NAME = "adapter_config.json"
@@ -174,9 +175,27 @@ def adapter_tensors(env: MethodEnv, name: str) -> dict[str, torch.Tensor]:
     """An adapter's checkpoint tensors by PEFT key, as save_pretrained writes them."""
     with torch.no_grad():
         return {
-            e.peft_key: (e.read() if e.read is not None else entry_tensor(env, e)).detach().contiguous().cpu()
+            e.peft_key: _whole(e.read() if e.read is not None else entry_tensor(env, e)).detach().contiguous().cpu()
             for e in plan_entries(env, existing_plan(env.store, name))
         }
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (FSDP2) gathered whole: a collective, so every rank reads the adapters in the
+    same order (PeftFxModel.save_pretrained does, whatever is_main_process says)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def store_is_sharded(env: MethodEnv) -> bool:
+    """Whether any adapter tensor is a DTensor (the model was sharded with FSDP2's fully_shard)."""
+    return any(is_sharded(p) for p in env.store.parameters())
+
+
+def gather_adapters(env: MethodEnv, selected: Optional[Iterable[str]]) -> None:
+    """Take part in the gathers a main process's save_adapters makes, in its order, writing nothing."""
+    for name in list(selected) if selected is not None else env.store.adapter_names():
+        if name in env.store.configs:
+            adapter_tensors(env, name)
 
 
 def saved_config_dict(env: MethodEnv, name: str) -> dict[str, Any]:

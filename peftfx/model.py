@@ -359,9 +359,9 @@ class PeftFxModel(nn.Module):
             return cast(nn.Module, result)
 
     def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        """transformers' switch (Trainer's gradient_checkpointing=True calls it), set on the wrapped model;
-        graphs are captured again. peftfx's graphs do not checkpoint yet: activation memory is as without
-        it (docs/migration.md)."""
+        """transformers' switch (Trainer's gradient_checkpointing=True calls it), set on the wrapped model:
+        each layer's block call then runs under the checkpoint function transformers keeps on the layer
+        (use_reentrant, every_n_layers, offload), as the layer's own forward would."""
         self._set_checkpointing("activation_checkpointing_enable", args, kwargs)
 
     def activation_checkpointing_disable(self) -> None:
@@ -375,8 +375,45 @@ class PeftFxModel(nn.Module):
         self._set_checkpointing("gradient_checkpointing_disable", (), {})
 
     def _set_checkpointing(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """transformers sets its per-layer switches; block calls read them at call time, so no graph
+        changes (peftfx/checkpointing.py)."""
         getattr(self.get_base_model(), method)(*args, **kwargs)
-        self.state.forget_captures()
+
+    def checkpointing(
+        self,
+        policy: Optional[str] = "full",
+        every: Optional[int] = None,
+        memory_budget: Optional[float] = None,
+        use_reentrant: bool = False,
+    ) -> None:
+        """peftfx's activation checkpointing, in place of transformers' switches: "full", "selective"
+        (saves matmul and attention outputs, recomputes the rest), "every" (every=k), "budget"
+        (memory_budget=share of activations kept) or "off"; None goes back to transformers' switches.
+        See peftfx/checkpointing.py POLICIES."""
+        self.state.variants.checkpointing.set(policy, every, memory_budget, use_reentrant)
+        base = self.get_base_model()
+        if policy not in (None, "off") and callable(getattr(base, "enable_input_require_grads", None)):
+            # as transformers' own switch does for a model with adapters: reentrant checkpointing of the first
+            # layer needs an input that requires grad, or the adapters inside get no gradient
+            base.enable_input_require_grads()  # type: ignore[operator]
+
+    def checkpointing_policy(self) -> dict[str, Any]:
+        """The policy `checkpointing` set (policy None: transformers' per-layer switches decide)."""
+        settings = self.state.variants.checkpointing
+        return {
+            "policy": settings.policy,
+            "every": settings.every if settings.policy == "every" else None,
+            "memory_budget": settings.memory_budget,
+            "use_reentrant": settings.use_reentrant,
+        }
+
+    def block_calls(self, **inputs: Any) -> dict[str, Any]:
+        """The blocks (`peftfx.blocks.BlockCall`, by module path) that run the graph `graph_module` shows:
+        each holds its block GraphModule (`.graph_module`) and runs through the user's module."""
+        with self.state.lock:
+            named = self.state.capturer.prepare_inputs((), inputs) if inputs else None
+            gm = self.state.graph_for(named, training=self.training)
+            return self.state.variants.block_calls(gm)
 
     # -- counting and saving ------------------------------------------------------------------------
 
@@ -428,6 +465,8 @@ class PeftFxModel(nn.Module):
                 "nothing more to write; leave it at 'auto'."
             )
         if not is_main_process:
+            if io.store_is_sharded(self.state.env):  # FSDP2: every rank takes part in gathering the shards
+                io.gather_adapters(self.state.env, selected_adapters)
             return
         io.save_adapters(self.state.env, save_directory, selected_adapters, safe_serialization)
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union, cast
 import torch
 from torch import fx
 
+from .capture import OWNERS_META
 from .config import ALL_LINEAR, DEFAULT_LORA_TARGETS, LoraConfig
 from .errors import ConfigError, TargetNotFoundError
 from .rewrite.annotations import Site, mark_site
@@ -54,6 +55,11 @@ def linear_sites(gm: fx.GraphModule, model: torch.nn.Module) -> list[LinearSite]
     for name, p in params.items():
         by_id.setdefault(id(p), name)
     graph_tensors = dict(gm.named_parameters(remove_duplicate=False))
+    # A graph captured from a sharded model (FSDP2) holds placeholders: the model's tensor for a target is
+    # the one its owning module holds now (Capture.owners).
+    for target, (found, key) in gm.meta.get(OWNERS_META, {}).items():
+        if target in graph_tensors and key in found:
+            graph_tensors[target] = found[key]
     sites = []
     for node in gm.graph.nodes:
         reader = LINEAR_OPS.get(node.target) if node.op == "call_function" else None

@@ -19,9 +19,11 @@ from torch import fx
 
 from peftfx.passes import fuse, inline_grad_regions, modules_to_save, quantize, simplify
 
-from .. import code_cache
+from .. import blocks, code_cache
 from ..bindings import eager_forward
+from ..blocks import BlockCall
 from ..capture import Capture
+from ..checkpointing import Checkpointing
 from ..methods import METHODS
 from ..rewrite import MOUNT, QUANT_MOUNT, SLOTS, PassContext, run_pass
 from ..rewrite.graph_inputs import add_keyword_input
@@ -157,6 +159,8 @@ class VariantCache:
         self.compile_options: Optional[dict[str, Any]] = None
         self.quant: Optional[torch.nn.Module] = None  # the model's QuantStore, mounted in every variant
         self.fusion = True
+        self.checkpointing = Checkpointing()  # read by block calls at call time (peftfx/checkpointing.py)
+        self._blocks: dict[tuple, dict[str, BlockCall]] = {}  # key -> its run's block calls by module path
 
     def get(
         self,
@@ -175,7 +179,12 @@ class VariantCache:
             fuse = self.fusion and (capture.fuse_eager or self.compile_options is not None)
             start = code_cache.next_key()
             gm = build_variant(capture, model, store, spec, bind, self.quant, fuse)
-            run = torch.compile(gm, **self.compile_options) if self.compile_options is not None else eager_forward(gm)
+            if self.compile_options is not None:
+                run = torch.compile(gm, **self.compile_options)
+            elif capture.blocks:
+                run, self._blocks[key] = blocks.lower(gm, model, capture.owners, self.checkpointing, spec.training)
+            else:
+                run = eager_forward(gm, owners=capture.owners)
             entry = self._variants[key] = (gm, run)
             self._code[key] = code_cache.made_since(start)
             if spec.mixed:
@@ -203,10 +212,18 @@ class VariantCache:
 
     def _drop(self, key: tuple) -> None:
         del self._variants[key]
+        self._blocks.pop(key, None)
         code_cache.release(self._code.pop(key, []))
 
     def specs(self) -> list[VariantSpec]:
         return [key[1] for key in self._variants]
+
+    def block_calls(self, gm: fx.GraphModule) -> dict[str, BlockCall]:
+        """The block calls that run the variant `gm` (empty when it runs flat: compiled, or a decode graph)."""
+        for key, entry in self._variants.items():
+            if entry[0] is gm:
+                return dict(self._blocks.get(key, {}))
+        return {}
 
     def graphs(self) -> list[tuple[VariantSpec, fx.GraphModule]]:
         return [(key[1], entry[0]) for key, entry in self._variants.items()]
@@ -220,7 +237,7 @@ class VariantCache:
         """Copies (copy.deepcopy, pickle) keep the options and rebuild graphs on first use: a graph holds
         the original's tensors, so a copied one would run the original's weights."""
         state = self.__dict__.copy()
-        state.update(_variants=OrderedDict(), _code={}, _checked_version=None)
+        state.update(_variants=OrderedDict(), _code={}, _blocks={}, _checked_version=None)
         return state
 
 

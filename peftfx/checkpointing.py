@@ -91,6 +91,12 @@ class Checkpointing:
             use_reentrant,
         )
 
+    def wanted(self, model: nn.Module) -> bool:
+        """Whether anything asks for checkpointing now: a policy, or transformers' switch on some layer."""
+        if self.policy is not None:
+            return self.policy != "off"
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
     def recomputes(self, index: int) -> bool:
         """Whether layer `index` is recomputed under "every" or "budget"."""
         if self.policy == "every":

@@ -60,3 +60,30 @@ def test_disable_adapter_runs_the_base_graph(load_model):
     # per site: get_attr A, linear, get_attr B, linear, get_attr scaling, mul, add; 2 layers
     assert sorted(str(n.target).split(".")[-1] if n.op == "get_attr" else str(n.target) for n in inserted) == sorted(
         ["aten.linear.default"] * 4 + ["aten.mul.Tensor", "aten.add.Tensor"] * 2 + ["A", "B", "scaling"] * 2)
+
+
+def test_labels_need_no_capture_of_their_own_and_give_the_models_loss(load_model, tmp_path):
+    """A causal LM's loss is computed outside the graph with the model's own loss function: calls with and
+    without labels share one capture per mode, and the loss (num_items_in_batch too, as Trainer passes it)
+    equals PEFT's, first in the output as the model returns it."""
+    import peft
+
+    from oracle import twin_models
+
+    for name in ("llama", "gpt2"):
+        ref, pm = twin_models(load_model, name, {"default": dict(r=4, lora_alpha=8, target_modules="all-linear")},
+                              tmp_path / name)
+        kw = batch(3, 9)
+        labels = kw["input_ids"].clone()
+        labels[0, :3] = -100
+        for training in (False, True) if name == "llama" else (False,):  # GPT-2 has dropout in train mode
+            ref.train(training), pm.train(training)
+            pm(**kw)
+            captures = len(pm.state.captures())
+            for extra in ({}, {"num_items_in_batch": torch.tensor(11)}):
+                out, want = pm(labels=labels, **kw, **extra), ref(labels=labels, **kw, **extra)
+                torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(out[0], want.loss, rtol=1e-6, atol=1e-6)
+                assert list(out.keys())[:2] == ["loss", "logits"]
+            assert len(pm.state.captures()) == captures, name
+        assert isinstance(ref, peft.PeftModel)

@@ -31,6 +31,7 @@ from ..capture import FULL, Capture, Capturer
 from ..code_cache import scratch_code
 from ..config import AdapterConfig, LoraConfig
 from ..errors import ConfigError
+from ..loss import LOSS_INPUTS, WithLoss, outside_loss
 from ..methods import AdapterPlan, MethodEnv, method_for
 from .store import AdapterStore
 from .variants import BASE_ROW, VariantCache, VariantSpec, build_variant
@@ -522,6 +523,12 @@ class ModelState:
         """(callable, the inputs to call it with) for one forward call, chosen under the lock."""
         with self.lock:
             named = self.capturer.prepare_inputs(args, kwargs)
+            loss = outside_loss(self.model) if part == FULL and "labels" in named else None
+            if loss is not None and adapter_names is None and self.input_adapter() is None:
+                taken = {name: named.pop(name) for name in LOSS_INPUTS if name in named}
+                run, named = self.runner((), named, None, training, part)
+                vocab_size = int(getattr(self.model, "config").vocab_size)  # noqa: B009 - typed as Module
+                return WithLoss(run, loss, vocab_size, taken), named
             capture, named, prompt = self.capture_for(named, training, part)
             if adapter_names is not None:
                 if prompt:

@@ -10,6 +10,7 @@ Which spec runs now is decided by peftfx/state/model_state.py.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
@@ -180,6 +181,13 @@ class VariantCache:
             start = code_cache.next_key()
             gm = build_variant(capture, model, store, spec, bind, self.quant, fuse)
             if self.compile_options is not None:
+                if spec.training and self.checkpointing.wanted(model):
+                    warnings.warn(
+                        "pm.compile() runs the flat graph, without activation checkpointing (block calls run "
+                        "eagerly only, for now): activations are kept as without it. Call pm.compile() "
+                        "without checkpointing, or train eagerly with it.",
+                        stacklevel=2,
+                    )
                 run = torch.compile(gm, **self.compile_options)
             elif capture.blocks:
                 run, self._blocks[key] = blocks.lower(gm, model, capture.owners, self.checkpointing, spec.training)

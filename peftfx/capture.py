@@ -195,6 +195,7 @@ class Capturer:
             named["use_cache"] = False
         if self.is_hf:
             check_sequence_shapes(named, not getattr(self.model.config, "is_encoder_decoder", False))
+            _fill_attention_mask(named, self.forward_signature)
         return named
 
     def get(self, kwargs: dict[str, Any], training: bool, part: str = FULL) -> Capture:
@@ -317,6 +318,20 @@ def strip_wrapper(program: torch.export.ExportedProgram, prefix: str) -> None:
                 key: ((path[len(dotted) :] if path.startswith(dotted) else "" if path == prefix else path), kind)
                 for key, (path, kind) in stack.items()
             }
+
+
+def _fill_attention_mask(named: dict[str, Any], forward_signature: inspect.Signature) -> None:
+    """A call without attention_mask gets one of ones, which is what transformers assumes for a missing
+    mask: calls with and without a mask then share one capture (each would be a graph of its own)."""
+    if "attention_mask" in named or "attention_mask" not in forward_signature.parameters:
+        return
+    tokens = named.get("input_ids")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+        named["attention_mask"] = torch.ones_like(tokens)
+        return
+    embeds = named.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+        named["attention_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
 
 # Inputs HF broadcasts over the batch when their dim 0 is 1.

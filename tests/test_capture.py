@@ -87,3 +87,22 @@ def test_labels_need_no_capture_of_their_own_and_give_the_models_loss(load_model
                 assert list(out.keys())[:2] == ["loss", "logits"]
             assert len(pm.state.captures()) == captures, name
         assert isinstance(ref, peft.PeftModel)
+
+
+def test_a_call_without_attention_mask_shares_the_masked_capture(load_model, tmp_path):
+    """transformers treats a missing mask as ones; peftfx passes ones, so no second capture, and the
+    logits are PEFT's without a mask."""
+    from oracle import twin_models
+
+    ref, pm = twin_models(load_model, "llama", {"default": dict(r=4, lora_alpha=8, target_modules="all-linear")},
+                          tmp_path)
+    kw = batch(2, 9, pad=False)
+    with torch.no_grad():
+        pm(**kw)
+        captures = len(pm.state.captures())
+        torch.testing.assert_close(pm(input_ids=kw["input_ids"]).logits, ref(input_ids=kw["input_ids"]).logits,
+                                   rtol=1e-5, atol=1e-5)
+        embeds = pm.get_base_model().get_input_embeddings()(kw["input_ids"])
+        torch.testing.assert_close(pm(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert len(pm.state.captures()) == captures + 1  # inputs_embeds is another input: one more, not two

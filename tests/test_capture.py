@@ -86,6 +86,10 @@ def test_labels_need_no_capture_of_their_own_and_give_the_models_loss(load_model
                 torch.testing.assert_close(out[0], want.loss, rtol=1e-6, atol=1e-6)
                 assert list(out.keys())[:2] == ["loss", "logits"]
             assert len(pm.state.captures()) == captures, name
+        plain = pm(labels=labels, return_dict=False, **kw)  # a tuple: the loss first, then the logits
+        want = ref(labels=labels, return_dict=False, **kw)
+        torch.testing.assert_close(plain[0], want[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(plain[1], want[1], rtol=1e-5, atol=1e-5)
         assert isinstance(ref, peft.PeftModel)
 
 

@@ -20,6 +20,7 @@ TIMED_ROWS = [  # metric prefixes of rows with samples on both sides
     "compiled (1-layer model, 1 thread): first call after set_adapter(new)",
     "compiled (1-layer model, 1 thread): eval forward (warm)",
     "QLoRA: eval forward (PEFT pinned to bnb's dequantize path)", "QLoRA: train step (fwd+bwd+AdamW)",
+    "train step with GC (vs PEFT + GC)", "selective policy train step", "every 2nd layer train step",
 ]
 OTHER_ROWS = [
     "trainable parameters", "apply, first call in process (cold)", "eval forward, plain base model (reference)",
@@ -29,6 +30,8 @@ OTHER_ROWS = [
     "graphs compiled by those 3 switches", "compiled (1-layer model, 1 thread): first call after set_adapter(default)",
     "graphs compiled by that switch back",
     "compiled (1-layer model, 1 thread): unmerged / base forward (adapters disabled)", "peak RSS, whole child", "peak RSS, steady-state train steps",
+    "activations with GC (vs PEFT + GC)", "activations without GC (vs PEFT)", "selective policy activations",
+    "every 2nd layer activations",
 ]
 
 
@@ -69,7 +72,8 @@ def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
     assert "QLoRA eager logits, peftfx vs PEFT" in result["check"]["items"]
     assert {g["goal"] for g in result["goals"]} == {"set_adapter", "merged_forward", "mixed_batch", "no_recompile",
                                                    "unmerged_forward", "train_step", "compiled_unmerged_forward",
-                                                   "generate"}
+                                                   "generate", "gc_activations", "gc_step", "selective_activations",
+                                                   "selective_step"}
     compiled = result["sections"]["compile"]
     assert compiled["peftfx_error_on_recompile_probe"] == "ok"
     assert sum(compiled["switch_frames"]["peftfx"]) == 0  # same-layout switches compile nothing in peftfx

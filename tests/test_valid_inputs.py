@@ -97,13 +97,15 @@ def test_capture_inside_torch_compile_matches_peft(load_model, tmp_path):
     ref, pm = twin_models(load_model, "llama", LORA, tmp_path)
     compiled = torch.compile(pm, backend="aot_eager")
     kw = batch(3, 9)
-    kw.pop("attention_mask")  # a signature not captured yet: dynamo reaches the capture
+    kw["position_ids"] = torch.arange(9).repeat(3, 1)  # a signature not captured yet: dynamo reaches the capture
     before = len(_captures(pm))
     _same(compiled, ref, **kw)
     new = _captures(pm)[before:]
     assert len(new) == 1
     assert new[0].dim_ranges["input_ids"] == ((1, 1 << 16), (1, 128))  # export ran outside dynamo: named Dims
-    _same(compiled, ref, input_ids=kw["input_ids"][:1, :1])  # batch 1, sequence 1: same capture
+    one = {"input_ids": kw["input_ids"][:1, :1], "attention_mask": kw["attention_mask"][:1, :1],
+           "position_ids": kw["position_ids"][:1, :1]}
+    _same(compiled, ref, **one)  # batch 1, sequence 1: same capture
     assert len(_captures(pm)) == before + 1
 
 

@@ -1,5 +1,5 @@
 """Judging a run: the sanity checks (both sides compute the same function in every state that is timed)
-and the goals of issues #3, #7 and #8 against this run's paired figures.
+and the goals of issues #3, #7, #8 and #18 against this run's paired figures.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Optional
 
+from .checkpointing import goals as checkpointing_goals
 from .models import SIDES
 from .report import fmt_time
 from .timing import round_ratio
@@ -145,4 +146,6 @@ def judge(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
         results["qlora"],
     )
     goals = goal_lines(sw, mg, mx, results["compile"], eager["fw"], eager["tr"], results["generate"])
+    if results.get("checkpointing") is not None:
+        goals += checkpointing_goals(results["checkpointing"])
     return checks, goals

@@ -62,6 +62,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-qlora", action="store_true", help="skip the QLoRA rows (4-bit NF4 base, tools/bench/qlora.py)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate rows (tools/bench/generate.py)")
     p.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="skip the activation-checkpointing rows (tools/bench/checkpointing.py)",
+    )
+    p.add_argument(
         "--switch-inner",
         type=int,
         default=50,

@@ -234,7 +234,7 @@ def print_report(
     print()
     print(table)
     print()
-    print("goals (issues #3, #7 and #8):")
+    print("goals (issues #3, #7, #8 and #18):")
     for g in goals:
         print(f"  [{'met' if g['met'] else 'MISSED'}] {g['text']}")
     print()

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from . import compiled, dora, eager, generate, many_adapters, memory, qlora
+from . import checkpointing, compiled, dora, eager, generate, many_adapters, memory, qlora
 from .checks import judge
 from .models import build_base, make_inputs
 from .options import parse_args
@@ -48,6 +48,7 @@ SECTIONS = (
     Section("qlora", "no_qlora", qlora.run_section, qlora.table_rows),
     Section("generate", "no_generate", generate.run_section, generate.table_rows),
     Section("dora", None, dora.run_section, dora.table_rows),
+    Section("checkpointing", "no_checkpointing", checkpointing.run_section, checkpointing.table_rows),
     Section("memory", "no_memory", memory.run_section, memory.table_rows),
 )
 

@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.tools_common import stable_topological_sort
 from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, insert_subgm, validate_partition
 
+from . import io
 from .bindings import Owners, copy_graph, eager_forward
 from .checkpointing import Checkpointing, checkpoint_for
 
@@ -39,14 +40,7 @@ def block_paths(model: nn.Module) -> tuple[list[str], list[str]]:
     """(input embedding paths, layer paths): the module paths that become blocks. Layers are the children
     of the model's layer lists (a ModuleList of at least two children of one class, outermost only: MoE
     expert lists inside a layer stay in their layer)."""
-    paths: list[str] = []
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = None
-    if callable(get_embeddings):
-        try:
-            embeddings = get_embeddings()
-        except (AttributeError, NotImplementedError):
-            embeddings = None
+    (input_embedding, _), _ = io.embedding_modules(model)
     lists: dict[str, int] = {}  # layer list path -> its length
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
@@ -54,12 +48,8 @@ def block_paths(model: nn.Module) -> tuple[list[str], list[str]]:
         if len({type(child) for child in module}) != 1 or any(name.startswith(p + ".") for p in lists):
             continue
         lists[name] = len(module)
-    for name, module in model.named_modules():
-        if module is embeddings and embeddings is not None:
-            paths.append(name)
-            break
     layers = [f"{name}.{index}" for name, length in lists.items() for index in range(length)]
-    return paths, layers
+    return io.module_paths(model, [input_embedding])[:1], layers
 
 
 def _node_path(node: fx.Node) -> Optional[str]:

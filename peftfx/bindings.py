@@ -140,7 +140,7 @@ def eager_forward(
 ATTRIBUTE_PREFIX = "_peftfx_attrs_"  # globals of the eager forward holding the owning modules' dictionaries
 
 
-def _owning_dict(gm: torch.nn.Module, target: str) -> Optional[tuple[dict[str, Any], str]]:
+def owning_dict(gm: torch.nn.Module, target: str) -> Optional[tuple[dict[str, Any], str]]:
     """(dictionary, key) that `gm.<target>` reads at call time, looked up as `nn.Module.__getattr__`
     does (instance attributes, then parameters, buffers, submodules); None where the read is anything
     else (a class attribute or property), which keeps its chained read."""
@@ -166,7 +166,7 @@ def _direct_attribute_reads(
     names: dict[int, str] = {}  # id(dictionary) -> its global name
     reads: dict[str, str] = {}  # the chained read fx wrote -> the direct one
     for node in graph.find_nodes(op="get_attr"):
-        found = owners.get(str(node.target)) or _owning_dict(gm, str(node.target))
+        found = owners.get(str(node.target)) or owning_dict(gm, str(node.target))
         if found is None:
             continue
         values, key = found

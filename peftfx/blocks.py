@@ -32,6 +32,7 @@ from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, 
 from . import io
 from .bindings import Owners, copy_graph, eager_forward
 from .checkpointing import Checkpointing, checkpoint_for
+from .regional import BlockCompiler
 
 BLOCK_PREFIX = "peftfx_block_"
 
@@ -95,8 +96,12 @@ def lower(
     owners: Owners,
     checkpointing: Checkpointing,
     training: bool,
+    compiler: Optional[BlockCompiler] = None,
 ) -> tuple[Callable[..., Any], dict[str, "BlockCall"]]:
     """(callable running `gm` as a top graph over block calls, the block calls by module path).
+
+    With `compiler` (pm.compile()), each block runs its structure's compiled function
+    (peftfx/regional.py); the top graph runs eagerly either way.
 
     `gm` is left as it is: the top graph is a copy. A block whose nodes cannot be cut out without a cycle
     (a value of the layer read before the layer ends) stays in the top graph."""
@@ -115,7 +120,10 @@ def lower(
             continue
         insert_subgm(top, sub, inputs, outputs, nodes[-1])
         erase_nodes(top, nodes)
-        run = eager_forward(sub, owners=owners, attribute_root=gm)
+        if compiler is None:
+            run = eager_forward(sub, owners=owners, attribute_root=gm)
+        else:
+            run = compiler.runner(sub, owners, gm)
         layer = model.get_submodule(path)
         call = BlockCall(path, sub, run, layer, checkpointing, training, ordinal.get(path))
         top._modules[name] = call

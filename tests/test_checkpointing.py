@@ -208,19 +208,3 @@ def test_prepare_model_for_kbit_training_matches_peft(model_dirs):
     assert _lora_grads(grads).keys() == _lora_grads(ref_grads).keys()
     for name, grad in _lora_grads(grads).items():  # every layer's adapters, the first one's included
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
-
-
-def test_compiled_training_says_it_does_not_checkpoint(load_model):
-    """pm.compile() runs the flat graph: asking for checkpointing there is told, not silently dropped."""
-    _, pm = _twins(load_model)
-    pm.compile(backend="eager")
-    kw = batch(2, 5)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pm(labels=kw["input_ids"], **kw)  # no checkpointing asked: no warning
-    pm.activation_checkpointing_enable()
-    pm.compile(backend="eager")  # variants are built again
-    with pytest.warns(UserWarning, match="without activation checkpointing"):
-        pm(labels=kw["input_ids"], **kw)

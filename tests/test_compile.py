@@ -79,3 +79,82 @@ def test_compiled_training_step_matches_eager(compiled):
     pm.state.set_compile(None)  # eager again
     pm(**kw, labels=kw["input_ids"]).loss.backward()
     torch.testing.assert_close(compiled_grad, a.grad, atol=1e-6, rtol=1e-5)
+
+
+def _llama(layers):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, vocab_size=128, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _saved_bytes(forward):
+    """Bytes of the distinct tensors autograd saves for the backward while `forward` runs (a checkpointed
+    region saves through its own hooks, so what it drops is not counted). A TorchDispatchMode count
+    would not do here: dynamo runs eagerly under one."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    return out, sum(storages.values())
+
+
+def _compiled_step(layers, gradient_checkpointing=False):
+    """(frames compiled, loss, LoRA grads, saved-activation bytes) of the first compiled train step."""
+    import peftfx
+
+    pm = peftfx.apply(_llama(layers), peftfx.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                        init_lora_weights=False))
+    if gradient_checkpointing:
+        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counter = CompileCounterWithBackend("aot_eager")
+    pm.compile(backend=counter)
+    pm.train()
+    kw = batch(2, 8)
+    pm(**kw, labels=kw["input_ids"]).loss.backward()  # capture and compile outside the hooks
+    pm.zero_grad(set_to_none=True)
+    loss, saved = _saved_bytes(lambda: pm(**kw, labels=kw["input_ids"]).loss)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    return counter.frame_count, loss.detach(), grads, saved
+
+
+def test_compile_traces_each_block_structure_once_whatever_the_depth():
+    """Regional compilation: a 2-layer and a 4-layer model compile the same frames for an eval call (the
+    embedding block, and one frame for all the layers)."""
+    import peftfx
+
+    frames = []
+    for layers in (2, 4):
+        pm = peftfx.apply(_llama(layers), peftfx.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        counter = CompileCounterWithBackend("aot_eager")
+        pm.compile(backend=counter)
+        pm.eval()
+        kw = batch(2, 8)
+        with torch.no_grad():
+            got = pm(**kw).logits
+            pm.state.set_compile(None)
+            torch.testing.assert_close(got, pm(**kw).logits, atol=1e-6, rtol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] == 2
+
+
+def test_compiled_blocks_keep_gradient_checkpointing():
+    """transformers' gradient checkpointing under pm.compile(): the same loss and gradients, with fewer
+    activations kept for the backward."""
+    _, loss, grads, saved = _compiled_step(3)
+    _, loss_gc, grads_gc, saved_gc = _compiled_step(3, gradient_checkpointing=True)
+    torch.testing.assert_close(loss_gc, loss)
+    assert set(grads_gc) == set(grads) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_gc[name], grad, atol=1e-6, rtol=1e-5)
+    assert saved_gc < 0.7 * saved, (saved_gc, saved)

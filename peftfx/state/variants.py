@@ -10,7 +10,6 @@ Which spec runs now is decided by peftfx/state/model_state.py.
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
@@ -26,6 +25,7 @@ from ..blocks import BlockCall
 from ..capture import Capture
 from ..checkpointing import Checkpointing
 from ..methods import METHODS
+from ..regional import BlockCompiler
 from ..rewrite import MOUNT, QUANT_MOUNT, SLOTS, PassContext, run_pass
 from ..rewrite.graph_inputs import add_keyword_input
 from ..select import annotate
@@ -145,8 +145,9 @@ class VariantCache:
     for the `mixed_limit` most recently used sets. A dropped graph's generated source is released from
     torch.fx's global cache (peftfx/code_cache.py).
 
-    `compile_options`, when set, wraps each variant in torch.compile once; a variant serves every
-    adapter of its layout through its slot bank, so switching such adapters compiles nothing new.
+    `compile_options`, when set, compiles each block structure once (peftfx/regional.py: regional
+    compilation; decode graphs, which run flat, are compiled whole); a variant serves every adapter of
+    its layout through its slot bank, so switching such adapters compiles nothing new.
     Without it a variant runs eagerly through direct torch bindings (peftfx/bindings.py).
     `fusion` says whether variants are built with passes/fuse.py (changing it needs `clear()`); a
     capture can opt out of it when run eagerly (`Capture.fuse_eager`, decode graphs).
@@ -162,6 +163,7 @@ class VariantCache:
         self.fusion = True
         self.checkpointing = Checkpointing()  # read by block calls at call time (peftfx/checkpointing.py)
         self._blocks: dict[tuple, dict[str, BlockCall]] = {}  # key -> its run's block calls by module path
+        self._block_compiler: Optional[BlockCompiler] = None  # pm.compile()'s functions per block structure
 
     def get(
         self,
@@ -180,17 +182,13 @@ class VariantCache:
             fuse = self.fusion and (capture.fuse_eager or self.compile_options is not None)
             start = code_cache.next_key()
             gm = build_variant(capture, model, store, spec, bind, self.quant, fuse)
-            if self.compile_options is not None:
-                if spec.training and self.checkpointing.wanted(model):
-                    warnings.warn(
-                        "pm.compile() runs the flat graph, without activation checkpointing (block calls run "
-                        "eagerly only, for now): activations are kept as without it. Call pm.compile() "
-                        "without checkpointing, or train eagerly with it.",
-                        stacklevel=2,
-                    )
+            if capture.blocks:
+                compiler = self._compiler()
+                run, self._blocks[key] = blocks.lower(
+                    gm, model, capture.owners, self.checkpointing, spec.training, compiler
+                )
+            elif self.compile_options is not None:  # a decode graph: compiled whole
                 run = torch.compile(gm, **self.compile_options)
-            elif capture.blocks:
-                run, self._blocks[key] = blocks.lower(gm, model, capture.owners, self.checkpointing, spec.training)
             else:
                 run = eager_forward(gm, owners=capture.owners)
             entry = self._variants[key] = (gm, run)
@@ -203,6 +201,15 @@ class VariantCache:
             if spec.lora:
                 getattr(entry[0], SLOTS).bind(store, bind)
         return entry
+
+    def _compiler(self) -> Optional[BlockCompiler]:
+        """The block compiler of the current compile options (one per options: a new pm.compile() call
+        starts afresh), or None when variants run eagerly."""
+        if self.compile_options is None:
+            self._block_compiler = None
+        elif self._block_compiler is None or self._block_compiler.options != self.compile_options:
+            self._block_compiler = BlockCompiler(self.compile_options)
+        return self._block_compiler
 
     def _drop_stale(self, store: AdapterStore) -> None:
         """Drop variants naming an adapter that is gone (or was added anew) or a layout no adapter has."""
@@ -245,7 +252,7 @@ class VariantCache:
         """Copies (copy.deepcopy, pickle) keep the options and rebuild graphs on first use: a graph holds
         the original's tensors, so a copied one would run the original's weights."""
         state = self.__dict__.copy()
-        state.update(_variants=OrderedDict(), _code={}, _blocks={}, _checked_version=None)
+        state.update(_variants=OrderedDict(), _code={}, _blocks={}, _checked_version=None, _block_compiler=None)
         return state
 
 

@@ -21,6 +21,9 @@ TIMED_ROWS = [  # metric prefixes of rows with samples on both sides
     "compiled (1-layer model, 1 thread): eval forward (warm)",
     "QLoRA: eval forward (PEFT pinned to bnb's dequantize path)", "QLoRA: train step (fwd+bwd+AdamW)",
     "train step with GC (vs PEFT + GC)", "selective policy train step", "every 2nd layer train step",
+    *(f"start-up {part}, {n}" for n in ("1 layer", "2 layers")
+      for part in ("total", "apply", "first eval forward", "first train step (fwd+bwd)")),
+    *(f"pm.compile() vs torch.compile (aot_eager), {n}: compile + first train step" for n in ("1 layer", "2 layers")),
 ]
 OTHER_ROWS = [
     "trainable parameters", "apply, first call in process (cold)", "eval forward, plain base model (reference)",
@@ -32,6 +35,8 @@ OTHER_ROWS = [
     "compiled (1-layer model, 1 thread): unmerged / base forward (adapters disabled)", "peak RSS, whole child", "peak RSS, steady-state train steps",
     "activations with GC (vs PEFT + GC)", "activations without GC (vs PEFT)", "selective policy activations",
     "every 2nd layer activations",
+    "long seq (256 tokens) train step peak RSS, no GC", "long seq (256 tokens) train step peak RSS, with GC",
+    "long seq peak above RSS before the step, no GC", "long seq peak above RSS before the step, with GC",
 ]
 
 
@@ -73,7 +78,8 @@ def test_quick_benchmark_has_every_row_and_passes_its_checks(tmp_path):
     assert {g["goal"] for g in result["goals"]} == {"set_adapter", "merged_forward", "mixed_batch", "no_recompile",
                                                    "unmerged_forward", "train_step", "compiled_unmerged_forward",
                                                    "generate", "gc_activations", "gc_step", "selective_activations",
-                                                   "selective_step"}
+                                                   "selective_step", "startup_layers", "startup_vs_peft",
+                                                   "compile_startup_layers", "compile_startup_vs_peft"}
     compiled = result["sections"]["compile"]
     assert compiled["peftfx_error_on_recompile_probe"] == "ok"
     assert sum(compiled["switch_frames"]["peftfx"]) == 0  # same-layout switches compile nothing in peftfx

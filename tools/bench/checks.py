@@ -1,5 +1,5 @@
 """Judging a run: the sanity checks (both sides compute the same function in every state that is timed)
-and the goals of issues #3, #7, #8 and #18 against this run's paired figures.
+and the goals of issues #3, #7, #8 and #18 (checkpointing, start-up) against this run's paired figures.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any, Optional
 from .checkpointing import goals as checkpointing_goals
 from .models import SIDES
 from .report import fmt_time
+from .startup import goals as startup_goals
 from .timing import round_ratio
 
 
@@ -148,4 +149,6 @@ def judge(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
     goals = goal_lines(sw, mg, mx, results["compile"], eager["fw"], eager["tr"], results["generate"])
     if results.get("checkpointing") is not None:
         goals += checkpointing_goals(results["checkpointing"])
+    if results.get("startup") is not None:
+        goals += startup_goals(results["startup"])
     return checks, goals

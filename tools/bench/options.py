@@ -27,7 +27,22 @@ QUICK = dict(
     apply_repeats=1,
     mem_warmup=1,
     mem_steps=1,
+    startup_layers=[1, 2],
+    startup_compile_layers=[1, 2],
+    startup_repeats=1,
+    long_seq=256,
 )
+
+
+def layer_list(text: str) -> list[int]:
+    """Parse "4,32" into [4, 32]: the layer counts of the start-up rows."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts") from None
+    if not layers or min(layers) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more layer counts >= 1")
+    return layers
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -65,6 +80,39 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--no-checkpointing",
         action="store_true",
         help="skip the activation-checkpointing rows (tools/bench/checkpointing.py)",
+    )
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up rows (tools/bench/startup.py)")
+    p.add_argument(
+        "--startup-layers",
+        type=layer_list,
+        default=[4, 32],
+        help="decoder layers of the tiny Llamas whose start-up (apply + first forward + first train step) is timed",
+    )
+    p.add_argument(
+        "--startup-threads",
+        type=int,
+        default=1,
+        help="torch threads while start-up is timed (see tools/bench/startup.py: why not all cores)",
+    )
+    p.add_argument(
+        "--startup-repeats", type=int, default=3, help="start-up rounds per layer count (a fresh model each)"
+    )
+    p.add_argument(
+        "--no-startup-compile",
+        action="store_true",
+        help="skip the start-up rows of pm.compile() vs torch.compile (slow: compiles from scratch)",
+    )
+    p.add_argument(
+        "--startup-compile-layers",
+        type=layer_list,
+        default=[2, 8],
+        help="decoder layers of the tiny Llamas whose compile + first train step is timed",
+    )
+    p.add_argument(
+        "--long-seq",
+        type=int,
+        default=2048,
+        help="tokens of the start-up section's long-sequence train step (batch 1, with and without GC)",
     )
     p.add_argument(
         "--switch-inner",

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from . import checkpointing, compiled, dora, eager, generate, many_adapters, memory, qlora
+from . import checkpointing, compiled, dora, eager, generate, many_adapters, memory, qlora, startup
 from .checks import judge
 from .models import build_base, make_inputs
 from .options import parse_args
@@ -40,7 +40,8 @@ class Section(NamedTuple):
 
 
 # In run order; the eager pair is made first and the many-adapters section adds adapters to it. Memory
-# runs last (spawn children), so nothing is being timed while they run.
+# runs last (spawn children), so nothing is being timed while they run; start-up runs its own children
+# one at a time, after its timings.
 SECTIONS = (
     Section("eager", None, eager.run_section, eager.table_rows),
     Section("adapters", None, many_adapters.run_section, many_adapters.table_rows),
@@ -49,6 +50,7 @@ SECTIONS = (
     Section("generate", "no_generate", generate.run_section, generate.table_rows),
     Section("dora", None, dora.run_section, dora.table_rows),
     Section("checkpointing", "no_checkpointing", checkpointing.run_section, checkpointing.table_rows),
+    Section("startup", "no_startup", startup.run_section, startup.table_rows),
     Section("memory", "no_memory", memory.run_section, memory.table_rows),
 )
 

@@ -100,8 +100,8 @@ def lower(
 ) -> tuple[Callable[..., Any], dict[str, "BlockCall"]]:
     """(callable running `gm` as a top graph over block calls, the block calls by module path).
 
-    With `compiler` (pm.compile()), each block runs its structure's compiled function
-    (peftfx/regional.py); the top graph runs eagerly either way.
+    With `compiler` (pm.compile()), each layer block runs its structure's compiled function
+    (peftfx/regional.py); the top graph and the embedding block run eagerly either way.
 
     `gm` is left as it is: the top graph is a copy. A block whose nodes cannot be cut out without a cycle
     (a value of the layer read before the layer ends) stays in the top graph."""
@@ -120,7 +120,7 @@ def lower(
             continue
         insert_subgm(top, sub, inputs, outputs, nodes[-1])
         erase_nodes(top, nodes)
-        if compiler is None:
+        if compiler is None or path not in ordinal:  # the embedding block is one lookup: eager
             run = eager_forward(sub, owners=owners, attribute_root=gm)
         else:
             run = compiler.runner(sub, owners, gm)

@@ -12,7 +12,7 @@ checkpoint recomputes the compiled function), so FSDP2 and `pm.checkpointing()` 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import fx
@@ -22,25 +22,17 @@ from .bindings import Owners, copy_graph, owning_dict
 
 
 class BlockCompiler:
-    """The compiled functions of one model's blocks, by block structure (see `structure_key`)."""
+    """The compiled functions of one model's blocks, by block structure (see `structure_key`). They hold
+    no tensors (each call reads them), so they outlive the variants: a variant built again after `.to()`
+    or a new capture reuses the compiled function of its structure (dynamo's guards decide)."""
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
         self._compiled: dict[tuple, Callable[..., Any]] = {}
 
-    @property
-    def compiled(self) -> int:
-        """How many block structures have a compiled function."""
-        return len(self._compiled)
-
-    def clear(self) -> None:
-        self._compiled.clear()
-
     def runner(self, block: fx.GraphModule, owners: Owners, attribute_root: torch.nn.Module) -> Callable[..., Any]:
         """`block`'s forward, compiled, reading its tensors at each call."""
         functional, reads = as_function_of_tensors(block, owners, attribute_root)
-        if functional is None:  # a block that calls modules: compiled on its own
-            return torch.compile(block, **self.options)
         key = structure_key(functional.graph)
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -62,12 +54,10 @@ class BlockCompiler:
 
 def as_function_of_tensors(
     block: fx.GraphModule, owners: Owners, attribute_root: torch.nn.Module
-) -> tuple[Optional[fx.GraphModule], list[Callable[[], Any]]]:
+) -> tuple[fx.GraphModule, list[Callable[[], Any]]]:
     """(`block` with each get_attr turned into a leading placeholder, the readers of those tensors in
-    order); (None, []) when the block calls a module, which would keep per-layer state."""
+    order). Exported graphs call functions only (no call_module), so nothing else reads the module."""
     graph = copy_graph(block.graph)
-    if graph.find_nodes(op="call_module"):
-        return None, []
     reads: list[Callable[[], Any]] = []
     first = next(node for node in graph.nodes if node.op != "get_attr")  # stays while get_attrs go
     for index, node in enumerate(graph.find_nodes(op="get_attr")):

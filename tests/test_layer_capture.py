@@ -90,6 +90,8 @@ def test_one_layer_graph_serves_every_layer(layers):
     ref, pm = _twins(_llama(layers), ["q_proj", "v_proj", "down_proj"])
     _check_logits(ref, pm, [batch(2, 7), batch(3, 12, seed=2), batch(1, 5, seed=3)])
     assert _layered(pm) == [1]  # one capture (eval) served all three sizes, with one layer graph
+    # the layer's made-up example inputs (a layer's activations in size) are not kept
+    assert all(p.example_inputs is None for p in pm.state.captures()[0].layer_programs)
     _check_training(ref, pm, batch(2, 9, seed=4))
     assert _layered(pm) == [1, 1]
 
@@ -166,3 +168,37 @@ def test_a_model_whose_layers_cannot_be_captured_alone_is_exported_whole():
     with torch.no_grad():
         torch.testing.assert_close(pm(x=x), want)
     assert _layered(pm) == [0]
+
+
+def test_capturing_by_layer_leaves_the_random_state_alone():
+    """The first train call captures; with LoRA dropout, a seeded first call draws the same dropout masks
+    as a seeded later one only if the capture drew nothing from the global generator."""
+    torch.manual_seed(0)
+    pm = peftfx.apply(_llama(4), peftfx.LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.3, **LORA))
+    pm.train()
+    kw = batch(2, 9)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        losses.append(pm(**kw, labels=kw["input_ids"]).loss)
+    assert _layered(pm) == [1, 1]  # the first train call captured by layer, the second reused it
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    torch.manual_seed(12)
+    assert not torch.equal(pm(**kw, labels=kw["input_ids"]).loss, losses[0])  # dropout does draw
+
+
+def test_prefix_tuning_finds_the_mask_in_layer_graphs(tmp_path):
+    """Eager attention: the prefix pass widens the mask it finds by comparing the mask's key dim with the
+    scores', across the spliced layer graph and the top graph (their sizes are in one set of symbols)."""
+    torch.manual_seed(0)
+    base = _llama(4)
+    base.config._attn_implementation = "eager"
+    ref = peft.get_peft_model(_copy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    ref.eval().save_pretrained(str(tmp_path))
+    pm = peftfx.load(_copy(base), str(tmp_path))
+    _check_logits(ref, pm, [batch(2, 7), batch(3, 5, seed=2)])
+    assert _layered(pm)[0] == 1

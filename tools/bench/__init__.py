@@ -21,9 +21,10 @@ graphs compiled on each side counted. Every state timed is checked to compute th
 sides (the `check` lines; `check.passed` in the JSON).
 
 The modules: options (the command line), models (setup shared with the memory children), timing,
-one module per section (eager, many_adapters, compiled, qlora, generate, memory), checks (sanity
-checks and goals), report (rows, table, printed report, JSON) and run (the driver and its SECTIONS).
-qlora and generate also run alone: `python -m peftfx.tools.bench.qlora`, `... .generate`.
+one module per section (eager, many_adapters, compiled, qlora, generate, dora, checkpointing, startup,
+memory), checks (sanity checks and goals), report (rows, table, printed report, JSON) and run (the
+driver and its SECTIONS). qlora, generate, checkpointing and startup also run alone:
+`python -m peftfx.tools.bench.qlora`, `... .generate`, `... .checkpointing`, `... .startup`.
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def test_compile_traces_each_block_structure_once_whatever_the_depth():
     assert frames[0] == frames[1] == 1
 
 
+@pytest.mark.slow
 def test_compiled_blocks_keep_gradient_checkpointing():
     """transformers' gradient checkpointing under pm.compile(): the same loss and gradients, with fewer
     activations kept for the backward."""

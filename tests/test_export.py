@@ -121,6 +121,7 @@ def test_prompt_learning_adapters_export(kind, load_model, tmp_path):
     _assert_all_close(_run_fresh(tmp_path, path), _expected(pm))
 
 
+@pytest.mark.slow
 def test_quantized_base_exports_unmerged_and_refuses_merged(load_model, tmp_path):
     pytest.importorskip("bitsandbytes")
     pm = peftfx.apply(load_model("llama"), _lora("llama"),

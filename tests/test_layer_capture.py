@@ -110,6 +110,7 @@ def test_layers_that_bake_different_constants_get_their_own_graph():
     assert _layered(pm) == [2]
 
 
+@pytest.mark.slow
 def test_gpt2_and_bert_layers_are_captured_one_each(load_model):
     """GPT-2 (Conv1D as addmm, a tuple from each block) and BERT (an encoder, bounded sequence length)."""
     for arch, targets in (("gpt2", ["c_attn"]), ("bert", ["query", "value"])):

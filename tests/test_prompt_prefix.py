@@ -103,6 +103,7 @@ def test_no_attention_mask_and_inputs_embeds_match_peft(kind, load_model, tmp_pa
     _assert_same(pm, ref, embeds)
 
 
+@pytest.mark.slow
 def test_prefix_projection_trains_the_mlp_and_saves_its_output(load_model, tmp_path):
     ref = _peft_model(load_model, "llama", "prefix", prefix_projection=True, encoder_hidden_size=24)
     ref.save_pretrained(str(tmp_path / "peft"))

@@ -101,6 +101,7 @@ def test_dtype_change_captures_again(pm):
     assert logits(pm, kw).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_resize_token_embeddings_captures_again(pm):
     kw = batch()
     assert logits(pm, kw).shape[-1] == VOCAB
@@ -245,6 +246,7 @@ def test_backbone_call_is_the_adapted_backbone(pm, load_model):
         prompt.base_model(**kw)
 
 
+@pytest.mark.slow
 def test_trainer_recognises_models_made_before_it_is_imported():
     import subprocess
     import sys

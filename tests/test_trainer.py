@@ -198,6 +198,7 @@ def _text_dataset(n: int = 12):
     return datasets.Dataset.from_dict({"input_ids": rows})
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer_trains_the_adapter(model_dirs, tmp_path):
     trl = pytest.importorskip("trl")
     pm = peftfx.apply(transformers.AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), lora())

@@ -10,6 +10,10 @@ import torch
 import transformers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core (pyproject.toml's addopts): one thread each, or the workers'
+    # thread pools fight over the same cores.
+    torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
 
 VOCAB = 128

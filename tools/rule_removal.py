@@ -71,7 +71,7 @@ def run_pytest(root: Path, args: Sequence[str], removed: Optional[str]) -> tuple
         env.pop(REMOVE_ENV, None)
         if removed is not None:
             env[REMOVE_ENV] = removed
-        command = [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-p", "no:cacheprovider", *args]
+        command = [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-p", "no:cacheprovider", "-n", "0", *args]
         try:
             done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
